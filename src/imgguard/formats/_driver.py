@@ -1,0 +1,37 @@
+"""The interface every format module offers to the detector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from attrs import frozen
+
+from imgguard.model import ImageInfo
+from imgguard.reader import ImageReader
+
+
+def _never(reader: ImageReader) -> bool:
+    return False
+
+
+@frozen
+class FormatDriver:
+    """One format as the detector sees it.
+
+    `probe` returns the score qemu's own prober (`bdrv_probe` of the driver called `name`) gives
+    these bytes, 0 when qemu would not pick it. `recognise` says the bytes are this format even
+    where qemu's prober does not look (a fixed VHD's footer, a dmg's koly trailer). `inspect`
+    reads the header and returns the facts, or raises `ImageError`.
+
+    `raw_layout` marks layouts inside a raw disk (ISO 9660, MBR, GPT): qemu reads them as `raw`,
+    so they become the `variant` of a raw image. `data_at_start` marks formats whose guest data
+    begins at offset 0 (fixed VHD, dmg): a raw layout found there is the guest's, not a second
+    format.
+    """
+
+    name: str
+    probe: Callable[[ImageReader], int]
+    inspect: Callable[[ImageReader], ImageInfo]
+    recognise: Callable[[ImageReader], bool] = _never
+    raw_layout: bool = False
+    data_at_start: bool = False
