@@ -166,3 +166,128 @@ class ImageInfo:
 
     def with_problems(self, *problems: Problem) -> ImageInfo:
         return attrs.evolve(self, problems=self.problems + problems)
+
+
+class Severity(enum.IntEnum):
+    """How bad a finding is; a verdict rejects at or above the policy's `fail_on`."""
+
+    INFO = 0
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+    CRITICAL = 4
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: str | int | Severity) -> Severity:
+        if isinstance(value, Severity):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[value.strip().upper()]
+        except KeyError:
+            names = ", ".join(str(member) for member in cls)
+            raise ValueError(f"unknown severity {value!r} (one of {names})") from None
+
+
+@frozen
+class Finding:
+    """One rule's judgement on one fact. `rule` is a stable id (`IG101`), `name` its slug."""
+
+    rule: str
+    name: str
+    severity: Severity
+    message: str
+    cwe: int | None = None
+    field: str | None = None
+    offset: int | None = None
+    length: int | None = None
+
+
+class Status(enum.StrEnum):
+    PASS = "pass"
+    REJECT = "reject"
+    ERROR = "error"
+
+
+@frozen
+class Verdict:
+    """What the policy says of one image. `info` is None when the file could not be inspected."""
+
+    status: Status
+    info: ImageInfo | None
+    findings: tuple[Finding, ...] = ()
+    waived: tuple[Finding, ...] = ()
+    fail_on: Severity = Severity.HIGH
+    path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.PASS
+
+    @property
+    def rejecting(self) -> tuple[Finding, ...]:
+        """The findings at or above the threshold, worst first."""
+        return tuple(f for f in self.findings if f.severity >= self.fail_on)
+
+    @property
+    def worst(self) -> Finding | None:
+        return max(self.findings, key=lambda finding: finding.severity, default=None)
+
+
+GiB = 1 << 30
+TiB = 1 << 40
+
+# Formats a service can take without surprises: qemu's maintained drivers for VM disks. qcow v1,
+# qed, parallels, dmg, bochs and cloop are legacy drivers that have had their share of CVEs
+# (CVE-2014-0142..0148 among them) and are rarely what a cloud user meant to upload.
+DEFAULT_ALLOWED_FORMATS = frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "luks"})
+# Cinder's `vmdk_allowed_types` default: the two VMDK subformats that are one self-contained file.
+DEFAULT_VMDK_CREATE_TYPES = frozenset({"monolithicSparse", "streamOptimized"})
+
+
+def _frozen_names(value: Any) -> frozenset[str]:
+    if isinstance(value, str):
+        return frozenset({value})
+    return frozenset(value)
+
+
+def _severity(value: str | int | Severity) -> Severity:
+    return Severity.parse(value)
+
+
+def _severity_map(value: Mapping[str, Any] | None) -> Mapping[str, Severity]:
+    return MappingProxyType({rule: Severity.parse(sev) for rule, sev in (value or {}).items()})
+
+
+@frozen
+class Policy:
+    """What a service accepts. Every knob has a safe default; `imgguard.policy` loads TOML."""
+
+    allowed_formats: frozenset[str] = field(
+        default=DEFAULT_ALLOWED_FORMATS, converter=_frozen_names
+    )
+    allowed_vmdk_create_types: frozenset[str] = field(
+        default=DEFAULT_VMDK_CREATE_TYPES, converter=_frozen_names
+    )
+    max_virtual_size: int = 2 * TiB
+    allow_encrypted: bool = False
+    allow_conversion: bool = True
+    allow_compressed: bool = False
+    # What qemu-img may allocate for metadata tables to open one image (qcow2 L1 + refcount
+    # table, VHD/VHDX BAT, VDI block map, ...). Cinder runs qemu-img under a 1 GiB address-space
+    # limit; no legitimate image of up to max_virtual_size needs more than a few MiB.
+    max_metadata_bytes: int = 64 << 20
+    max_snapshots: int = 1000
+    # LUKS1 PBKDF2 iterations qemu-img would run per key slot when given a secret; qemu's own
+    # default iter-time of 2 s gives a few million on current CPUs.
+    max_kdf_iterations: int = 20_000_000
+    max_key_material_bytes: int = 1 << 20
+    fail_on: Severity = field(default=Severity.HIGH, converter=_severity)
+    severity_overrides: Mapping[str, Severity] = field(
+        factory=dict, converter=_severity_map, hash=False
+    )
+    waivers: frozenset[str] = field(factory=frozenset, converter=_frozen_names)

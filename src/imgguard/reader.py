@@ -171,7 +171,7 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[tuple[ImageReader, os.s
         os.close(fd)
         raise
     with file:
-        yield ImageReader(file, size=file_stat.st_size, name=name), file_stat  # type: ignore[arg-type]
+        yield ImageReader(file, size=file_stat.st_size, name=name), file_stat
 
 
 def _require_regular(st: os.stat_result, name: str) -> None:
@@ -190,9 +190,7 @@ def _require_regular(st: os.stat_result, name: str) -> None:
     raise NotARegularFile(f"{name} is {kind}; imgguard inspects regular files only")
 
 
-def parse_struct(
-    struct: construct.Construct, data: bytes, *, offset: int, what: str
-) -> Any:
+def parse_struct(struct: construct.Construct, data: bytes, *, offset: int, what: str) -> Any:
     """Parse `data` (read from `offset`) with a construct definition, as an `ImageError` on failure.
 
     construct reports the failing field as a path (`(parsing) -> header -> magic`); that becomes the

@@ -1,0 +1,3 @@
+from imgguard.cli import main
+
+raise SystemExit(main())

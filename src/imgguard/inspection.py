@@ -1,0 +1,121 @@
+"""Probe every format, choose the way qemu would, and say what the bytes could also be."""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+import attrs
+
+from imgguard import formats
+from imgguard.errors import ImageError
+from imgguard.formats import FormatDriver
+from imgguard.model import ImageInfo, Problem, ProblemKind
+from imgguard.reader import ImageReader, open_image
+
+ImageSource = str | os.PathLike[str] | BinaryIO
+
+# An ImageError means the header could not be read; the image is still the format its magic says.
+_PROBLEM_KIND_OF_ERROR = {
+    "TruncatedImage": ProblemKind.TRUNCATED,
+    "LimitExceeded": ProblemKind.LIMIT,
+}
+
+
+def inspect(image: ImageSource) -> ImageInfo:
+    """Inspect a path or a seekable binary file; never executes or follows anything.
+
+    Returns an `ImageInfo` for any bytes at all, or raises an `ImageError` when the file cannot
+    be opened or read (not a regular file, permission denied, I/O error).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        with open_image(image) as (reader, file_stat):
+            info = inspect_reader(reader)
+            # qemu-img's "actual-size" is the space allocated on disk, not the length.
+            return attrs.evolve(info, path=os.fspath(image), actual_size=file_stat.st_blocks * 512)
+    reader = ImageReader.from_file(image)
+    return inspect_reader(reader)
+
+
+def inspect_bytes(data: bytes, name: str | None = None) -> ImageInfo:
+    """Inspect an in-memory image (a header, an upload's first bytes, a fuzz input)."""
+    return inspect_reader(ImageReader.from_bytes(data, name=name))
+
+
+def inspect_reader(reader: ImageReader) -> ImageInfo:
+    qemu_choice, recognised = _probe_all(reader)
+    chosen = _true_format(qemu_choice, recognised)
+    info = _inspect_with(chosen, reader)
+    matches = _matches(chosen, qemu_choice, recognised)
+    return attrs.evolve(
+        info,
+        path=reader.name,
+        file_size=reader.size,
+        qemu_format=qemu_choice.name,
+        matches=matches,
+    )
+
+
+def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
+    """qemu's choice (highest score, first in its driver list on a tie) and every match."""
+    best: FormatDriver | None = None
+    best_score = 0
+    recognised: list[FormatDriver] = []
+    for driver in formats.drivers():
+        if driver.name == "raw":
+            continue
+        score = driver.probe(reader)
+        if score > best_score:
+            best, best_score = driver, score
+        if score > 0 or driver.recognise(reader):
+            recognised.append(driver)
+    recognised.extend(driver for driver in formats.layout_drivers() if driver.recognise(reader))
+    return best or formats.by_name("raw"), recognised
+
+
+def _true_format(qemu_choice: FormatDriver, recognised: list[FormatDriver]) -> FormatDriver:
+    if qemu_choice.name != "raw":
+        return qemu_choice
+    # qemu falls back to raw for formats whose marker it does not probe (a fixed VHD's footer,
+    # a dmg's koly trailer): the bytes are still that format, and say so.
+    for driver in recognised:
+        if not driver.raw_layout:
+            return driver
+    for driver in recognised:
+        return driver
+    return qemu_choice
+
+
+def _inspect_with(driver: FormatDriver, reader: ImageReader) -> ImageInfo:
+    try:
+        return driver.inspect(reader)
+    except ImageError as error:
+        kind = _PROBLEM_KIND_OF_ERROR.get(type(error).__name__, ProblemKind.MALFORMED)
+        problem = Problem(kind, error.message, field=error.field, offset=error.offset)
+        if driver.raw_layout:
+            # A layout that cannot be read is no reason to stop calling the disk raw.
+            return ImageInfo(
+                format="raw", variant=driver.name, virtual_size=reader.size, problems=(problem,)
+            )
+        return ImageInfo(format=driver.name, problems=(problem,))
+
+
+def _matches(
+    chosen: FormatDriver, qemu_choice: FormatDriver, recognised: list[FormatDriver]
+) -> tuple[str, ...]:
+    """Every format the bytes could be read as, the chosen one first.
+
+    Raw layouts (ISO 9660, GPT, MBR) are all `raw` to qemu, so inside a raw disk they are one
+    image (a hybrid ISO carries an MBR and a GPT on purpose), and inside a format whose guest data
+    starts at offset 0 (a fixed VHD of a partitioned disk) they are the guest's data. `raw` itself
+    is listed only where qemu's prober would fall back to it for bytes of another format.
+    """
+    names = [chosen.name]
+    absorb_layouts = chosen.data_at_start or chosen.raw_layout
+    for driver in recognised:
+        if driver.name in names or (driver.raw_layout and absorb_layouts):
+            continue
+        names.append(driver.name)
+    if qemu_choice.name not in names and not chosen.raw_layout:
+        names.append(qemu_choice.name)
+    return tuple(names)

@@ -1,0 +1,590 @@
+"""The rules: each turns facts in an `ImageInfo` into findings, with a stable id and a CWE.
+
+Every rule is documented in docs/rules.md under its id; ids never change meaning and are never
+reused. A rule function yields `Hit`s; `evaluate` turns them into findings with the rule's
+severity (or the policy's override) and drops waived ones.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+
+from attrs import frozen
+
+from imgguard.model import (
+    FeatureKind,
+    Finding,
+    GiB,
+    ImageInfo,
+    Policy,
+    ProblemKind,
+    Reference,
+    ReferenceKind,
+    Severity,
+)
+
+
+@frozen
+class Request:
+    """What the caller asked for, beside the policy."""
+
+    policy: Policy
+    claimed_format: str | None = None
+    target_size_gib: int | None = None
+    convert_to: str | None = None
+
+
+@frozen
+class Hit:
+    message: str
+    field: str | None = None
+    offset: int | None = None
+    length: int | None = None
+    severity: Severity | None = None
+
+
+RuleCheck = Callable[[ImageInfo, Request], Iterator[Hit]]
+
+
+@frozen
+class Rule:
+    id: str
+    name: str
+    severity: Severity
+    cwe: int | None
+    summary: str
+    check: RuleCheck
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(
+    rule_id: str, name: str, severity: Severity, cwe: int | None, summary: str
+) -> Callable[[RuleCheck], RuleCheck]:
+    def register(check: RuleCheck) -> RuleCheck:
+        if rule_id in RULES:
+            raise RuntimeError(f"rule id {rule_id} registered twice")
+        RULES[rule_id] = Rule(rule_id, name, severity, cwe, summary, check)
+        return check
+
+    return register
+
+
+# --- references that leave the file ----------------------------------------------------------
+
+# qemu treats "proto:..." as a protocol name when a colon comes before any slash
+# (path_has_protocol in block.c); "json:" opens any driver with any options.
+_PROTOCOL = re.compile(r"^[^/]*:")
+_RULE_OF_KIND = {
+    ReferenceKind.BACKING_FILE: ("IG101", "backing file"),
+    ReferenceKind.DATA_FILE: ("IG102", "external data file"),
+    ReferenceKind.EXTENT: ("IG103", "extent file"),
+    ReferenceKind.PARENT_HINT: ("IG104", "parent file"),
+    ReferenceKind.PARENT_LOCATOR: ("IG104", "parent locator"),
+    ReferenceKind.PARENT_UUID: ("IG104", "parent image"),
+}
+
+
+# The names qemu itself opens; VHD/VHDX parent locators and VDI parent UUIDs it never follows,
+# and a locator's "C:\\dir\\parent.vhd" is a Windows path, not a protocol.
+_OPENED_BY_QEMU = frozenset(
+    {
+        ReferenceKind.BACKING_FILE,
+        ReferenceKind.DATA_FILE,
+        ReferenceKind.EXTENT,
+        ReferenceKind.PARENT_HINT,
+    }
+)
+
+
+def is_protocol_name(target: str) -> bool:
+    return bool(_PROTOCOL.match(target))
+
+
+def _is_protocol_reference(reference: Reference) -> bool:
+    return reference.kind in _OPENED_BY_QEMU and is_protocol_name(reference.target)
+
+
+def _references(info: ImageInfo, rule_id: str) -> Iterator[tuple[Reference, str]]:
+    for reference in info.references:
+        mapped_id, label = _RULE_OF_KIND[reference.kind]
+        if mapped_id == rule_id and not _is_protocol_reference(reference):
+            yield reference, label
+
+
+def _reference_hits(info: ImageInfo, rule_id: str) -> Iterator[Hit]:
+    for reference, label in _references(info, rule_id):
+        yield Hit(
+            f"{info.format} image names a {label} {reference.target!r}; qemu-img would open it",
+            field=reference.field,
+            offset=reference.offset,
+        )
+
+
+@rule(
+    "IG101",
+    "backing-file",
+    Severity.HIGH,
+    73,
+    "The image names a backing file that qemu-img would open and read.",
+)
+def backing_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _reference_hits(info, "IG101")
+
+
+@rule(
+    "IG102",
+    "external-data-file",
+    Severity.HIGH,
+    73,
+    "The image keeps its data in an external file that qemu-img would open.",
+)
+def external_data_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _reference_hits(info, "IG102")
+    if "external_data_file" in info.feature_names and info.data_file is None:
+        yield Hit(
+            "qcow2 incompatible feature 'external data file' is set without a file name; "
+            "qemu-img would take the name from its command line",
+            field="incompatible_features",
+        )
+
+
+@rule(
+    "IG103",
+    "extent-file",
+    Severity.HIGH,
+    73,
+    "A VMDK descriptor names extent files that qemu-img would open.",
+)
+def extent_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _reference_hits(info, "IG103")
+
+
+@rule(
+    "IG104",
+    "parent-reference",
+    Severity.HIGH,
+    73,
+    "The image is a differencing image: it names a parent (file name hint, locator or UUID).",
+)
+def parent_reference(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _reference_hits(info, "IG104")
+
+
+@rule(
+    "IG105",
+    "protocol-reference",
+    Severity.CRITICAL,
+    918,
+    "A reference is a protocol or json: pseudo-filename (nbd:, http:, json:, ...).",
+)
+def protocol_reference(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    for reference in info.references:
+        if _is_protocol_reference(reference):
+            yield Hit(
+                f"{reference.kind} {reference.target!r} is a protocol name; qemu-img would "
+                "connect to it or open it with driver options the image chose",
+                field=reference.field,
+                offset=reference.offset,
+            )
+
+
+# --- what the image is -----------------------------------------------------------------------
+
+_RAW_LAYOUTS = frozenset({"iso9660", "gpt", "mbr"})
+
+
+@rule(
+    "IG201",
+    "format-confusion",
+    Severity.HIGH,
+    436,
+    "The bytes are valid as more than one format (a polyglot).",
+)
+def format_confusion(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    # `raw` is qemu's fallback, not a format the bytes claim to be; raw layouts (ISO, GPT, MBR)
+    # are one reading of a raw disk.
+    readings = {name for name in info.matches if name != "raw"}
+    if info.format == "raw":
+        readings -= _RAW_LAYOUTS
+        readings.add("raw")
+    if len(readings) > 1:
+        yield Hit(
+            f"the bytes are valid as {', '.join(info.matches)}; "
+            f"qemu-img would read them as {info.qemu_format}"
+        )
+
+
+# Glance's disk_format names that qemu knows by another name (Cinder's check_image_format).
+GLANCE_TO_QEMU = {
+    "vhd": "vpc",
+    "iso": "raw",
+    "ploop": "parallels",
+    "ami": "raw",
+    "aki": "raw",
+    "ari": "raw",
+    "img": "raw",
+}
+
+
+def qemu_format_name(claimed: str) -> str:
+    name = claimed.strip().lower()
+    return GLANCE_TO_QEMU.get(name, name)
+
+
+@rule(
+    "IG202",
+    "format-mismatch",
+    Severity.HIGH,
+    436,
+    "The format the uploader declared is not the format of the bytes.",
+)
+def format_mismatch(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if request.claimed_format is None:
+        return
+    claimed = qemu_format_name(request.claimed_format)
+    # A fixed VHD declared raw is read as raw by qemu too; accept either name for it.
+    if claimed not in (info.format, info.qemu_format):
+        yield Hit(f"declared {request.claimed_format!r} but the image is {info.format}")
+
+
+@rule(
+    "IG203",
+    "format-not-allowed",
+    Severity.HIGH,
+    434,
+    "The detected format is not in the policy's allowed formats.",
+)
+def format_not_allowed(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if info.format not in request.policy.allowed_formats:
+        allowed = ", ".join(sorted(request.policy.allowed_formats))
+        yield Hit(f"format {info.format} is not allowed (allowed: {allowed})")
+
+
+@rule(
+    "IG204",
+    "vmdk-create-type",
+    Severity.HIGH,
+    434,
+    "The VMDK createType is not in the policy's allowed createTypes.",
+)
+def vmdk_create_type(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if info.format != "vmdk":
+        return
+    allowed = request.policy.allowed_vmdk_create_types
+    if info.variant not in allowed:
+        yield Hit(
+            f"VMDK createType {info.variant!r} is not allowed "
+            f"(allowed: {', '.join(sorted(allowed))})",
+            field="createType",
+        )
+
+
+@rule(
+    "IG301",
+    "unknown-feature",
+    Severity.HIGH,
+    20,
+    "An incompatible feature bit imgguard does not know is set; qemu may read the image "
+    "differently from this inspection.",
+)
+def unknown_feature(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    for feature in info.features:
+        if not feature.known and feature.kind is FeatureKind.INCOMPATIBLE:
+            yield Hit(
+                f"unknown incompatible feature bit {feature.bit} is set",
+                field="incompatible_features",
+            )
+
+
+@rule(
+    "IG302",
+    "unsupported",
+    Severity.HIGH,
+    20,
+    "A version or field value that qemu refuses or that imgguard cannot vouch for.",
+)
+def unsupported(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _problems(info, ProblemKind.UNSUPPORTED)
+
+
+@rule("IG303", "corrupt", Severity.HIGH, 20, "The image marks itself corrupt.")
+def corrupt(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if "corrupt" in info.feature_names:
+        yield Hit("the image's corrupt bit is set", field="incompatible_features")
+
+
+@rule(
+    "IG304",
+    "dirty",
+    Severity.LOW,
+    None,
+    "The image was not closed cleanly (dirty bit, VHDX log, parallels in-use).",
+)
+def dirty(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if "dirty" in info.feature_names:
+        yield Hit(
+            "the image's dirty bit is set; qemu-img check would repair refcounts",
+            field="incompatible_features",
+        )
+
+
+@rule(
+    "IG401",
+    "encrypted",
+    Severity.HIGH,
+    None,
+    "The image is encrypted; its contents cannot be inspected.",
+)
+def encrypted(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if info.encrypted:
+        method = info.encryption.method if info.encryption else "unknown"
+        severity = Severity.INFO if request.policy.allow_encrypted else None
+        yield Hit(f"the image is encrypted ({method})", severity=severity)
+
+
+@rule(
+    "IG402",
+    "legacy-aes",
+    Severity.HIGH,
+    327,
+    "qcow/qcow2 legacy AES-CBC encryption, which qemu deprecated as broken.",
+)
+def legacy_aes(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if info.encryption is not None and info.encryption.method == "aes":
+        yield Hit("legacy qcow AES encryption (crypt_method 1)", field="crypt_method")
+
+
+# --- resource abuse --------------------------------------------------------------------------
+
+
+@rule("IG501", "virtual-size", Severity.HIGH, 770, "The virtual size is over the policy's cap.")
+def virtual_size(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    cap = request.policy.max_virtual_size
+    if info.virtual_size is not None and info.virtual_size > cap:
+        yield Hit(
+            f"virtual size {info.virtual_size} is over the cap of {cap} bytes", field="virtual_size"
+        )
+
+
+@rule(
+    "IG502",
+    "target-size",
+    Severity.HIGH,
+    770,
+    "The virtual size does not fit the target volume (Cinder's check_virtual_size).",
+)
+def target_size(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if request.target_size_gib is None or info.virtual_size is None:
+        return
+    # Cinder rounds the image up to whole GiB before comparing with the volume size.
+    needed_gib = math.ceil(info.virtual_size / GiB)
+    if needed_gib > request.target_size_gib:
+        yield Hit(
+            f"virtual size {info.virtual_size} needs {needed_gib} GiB; the target has "
+            f"{request.target_size_gib} GiB",
+            field="virtual_size",
+        )
+
+
+@rule(
+    "IG503",
+    "metadata-memory",
+    Severity.HIGH,
+    789,
+    "Opening the image would make qemu-img allocate more memory for tables than the budget.",
+)
+def metadata_memory(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    budget = request.policy.max_metadata_bytes
+    loaded = [table for table in info.tables if table.loaded_at_open]
+    total = sum(table.length for table in loaded)
+    if total > budget:
+        largest = max(loaded, key=lambda table: table.length)
+        yield Hit(
+            f"tables qemu-img loads at open take {total} bytes (largest: {largest.name}, "
+            f"{largest.length} bytes), over the budget of {budget}",
+            field=largest.name,
+            offset=largest.offset,
+            length=largest.length,
+        )
+
+
+@rule(
+    "IG504",
+    "table-past-eof",
+    Severity.HIGH,
+    125,
+    "A metadata table or descriptor lies past the end of the file.",
+)
+def table_past_eof(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    for table in info.tables:
+        if table.offset + table.length > info.file_size:
+            yield Hit(
+                f"{table.name} at offset {table.offset} ({table.length} bytes) ends past "
+                f"the end of the file ({info.file_size} bytes)",
+                field=table.name,
+                offset=table.offset,
+                length=table.length,
+            )
+
+
+@rule(
+    "IG505",
+    "snapshot-count",
+    Severity.HIGH,
+    770,
+    "The image claims more internal snapshots than the policy allows.",
+)
+def snapshot_count(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    count = info.header.get("nb_snapshots")
+    if isinstance(count, int) and count > request.policy.max_snapshots:
+        yield Hit(
+            f"{count} snapshots, over the cap of {request.policy.max_snapshots}",
+            field="nb_snapshots",
+        )
+
+
+@rule(
+    "IG506",
+    "key-slot-cost",
+    Severity.HIGH,
+    400,
+    "LUKS key slots whose KDF iterations or key material would burn CPU or memory.",
+)
+def key_slot_cost(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if info.encryption is None:
+        return
+    policy = request.policy
+    for slot in info.encryption.key_slots:
+        if not slot.active:
+            continue
+        if slot.iterations is not None and slot.iterations > policy.max_kdf_iterations:
+            yield Hit(
+                f"key slot {slot.index} asks for {slot.iterations} KDF iterations, over "
+                f"the cap of {policy.max_kdf_iterations}",
+                field=f"key_slot[{slot.index}]",
+            )
+        material = slot.key_material_length
+        if material is not None and material > policy.max_key_material_bytes:
+            yield Hit(
+                f"key slot {slot.index} has {material} bytes of key material, over the "
+                f"cap of {policy.max_key_material_bytes}",
+                field=f"key_slot[{slot.index}]",
+                offset=slot.key_material_offset,
+                length=material,
+            )
+
+
+# --- malformed input -------------------------------------------------------------------------
+
+
+def _problems(info: ImageInfo, kind: ProblemKind) -> Iterator[Hit]:
+    for problem in info.problems:
+        if problem.kind is kind:
+            yield Hit(problem.message, field=problem.field, offset=problem.offset)
+
+
+@rule(
+    "IG601", "truncated", Severity.HIGH, 20, "The file ends before a region its header describes."
+)
+def truncated(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _problems(info, ProblemKind.TRUNCATED)
+
+
+@rule(
+    "IG602",
+    "malformed",
+    Severity.HIGH,
+    20,
+    "A header field holds a value the format does not allow.",
+)
+def malformed(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _problems(info, ProblemKind.MALFORMED)
+
+
+@rule(
+    "IG603",
+    "inconsistent",
+    Severity.HIGH,
+    20,
+    "Two copies or two parts of the metadata disagree (header vs footer, header vs metadata).",
+)
+def inconsistent(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _problems(info, ProblemKind.INCONSISTENT)
+
+
+@rule(
+    "IG604",
+    "over-limit",
+    Severity.HIGH,
+    770,
+    "A size or count in the header is over what imgguard (or qemu) will read.",
+)
+def over_limit(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    yield from _problems(info, ProblemKind.LIMIT)
+
+
+# --- the file and the request ----------------------------------------------------------------
+# IG701 (not a regular file) and IG702 (unreadable) come from `imgguard.policy.check` itself,
+# where inspection could not start; they are registered here so that reports list them.
+
+
+@rule(
+    "IG701",
+    "not-regular-file",
+    Severity.HIGH,
+    59,
+    "The path is a symlink, device, FIFO, socket or directory; imgguard does not open it.",
+)
+def not_regular_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    return iter(())
+
+
+@rule("IG702", "unreadable", Severity.HIGH, None, "The file could not be opened or read.")
+def unreadable(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    return iter(())
+
+
+@rule(
+    "IG801",
+    "conversion-disabled",
+    Severity.HIGH,
+    None,
+    "The policy forbids conversion and the image is not already in the target format.",
+)
+def conversion_disabled(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    target = request.convert_to
+    if request.policy.allow_conversion or target is None:
+        return
+    if qemu_format_name(target) != info.format:
+        yield Hit(f"conversion from {info.format} to {target} is disabled by the policy")
+
+
+def evaluate(info: ImageInfo, request: Request) -> tuple[list[Finding], list[Finding]]:
+    """All findings for `info`, split into (kept, waived)."""
+    policy = request.policy
+    kept: list[Finding] = []
+    waived: list[Finding] = []
+    for spec in RULES.values():
+        for hit in spec.check(info, request):
+            severity = policy.severity_overrides.get(spec.id, hit.severity or spec.severity)
+            finding = make_finding(spec, hit, severity)
+            (waived if spec.id in policy.waivers else kept).append(finding)
+    kept.sort(key=lambda finding: (-finding.severity, finding.rule))
+    return kept, waived
+
+
+def make_finding(spec: Rule, hit: Hit, severity: Severity | None = None) -> Finding:
+    return Finding(
+        rule=spec.id,
+        name=spec.name,
+        severity=severity if severity is not None else spec.severity,
+        message=hit.message,
+        cwe=spec.cwe,
+        field=hit.field,
+        offset=hit.offset,
+        length=hit.length,
+    )
