@@ -570,7 +570,8 @@ def evaluate(info: ImageInfo, request: Request) -> tuple[list[Finding], list[Fin
     waived: list[Finding] = []
     for spec in RULES.values():
         for hit in spec.check(info, request):
-            severity = policy.severity_overrides.get(spec.id, hit.severity or spec.severity)
+            default = hit.severity if hit.severity is not None else spec.severity
+            severity = policy.severity_overrides.get(spec.id, default)
             finding = make_finding(spec, hit, severity)
             (waived if spec.id in policy.waivers else kept).append(finding)
     kept.sort(key=lambda finding: (-finding.severity, finding.rule))
