@@ -79,12 +79,12 @@ def rule(
 # (path_has_protocol in block.c); "json:" opens any driver with any options.
 _PROTOCOL = re.compile(r"^[^/]*:")
 _RULE_OF_KIND = {
-    ReferenceKind.BACKING_FILE: ("IG101", "backing file"),
-    ReferenceKind.DATA_FILE: ("IG102", "external data file"),
-    ReferenceKind.EXTENT: ("IG103", "extent file"),
-    ReferenceKind.PARENT_HINT: ("IG104", "parent file"),
-    ReferenceKind.PARENT_LOCATOR: ("IG104", "parent locator"),
-    ReferenceKind.PARENT_UUID: ("IG104", "parent image"),
+    ReferenceKind.BACKING_FILE: ("IG101", "a backing file"),
+    ReferenceKind.DATA_FILE: ("IG102", "an external data file"),
+    ReferenceKind.EXTENT: ("IG103", "an extent file"),
+    ReferenceKind.PARENT_HINT: ("IG104", "a parent file"),
+    ReferenceKind.PARENT_LOCATOR: ("IG104", "a parent locator"),
+    ReferenceKind.PARENT_UUID: ("IG104", "a parent image"),
 }
 
 
@@ -118,7 +118,7 @@ def _references(info: ImageInfo, rule_id: str) -> Iterator[tuple[Reference, str]
 def _reference_hits(info: ImageInfo, rule_id: str) -> Iterator[Hit]:
     for reference, label in _references(info, rule_id):
         yield Hit(
-            f"{info.format} image names a {label} {reference.target!r}; qemu-img would open it",
+            f"{info.format} image names {label} {reference.target!r}",
             field=reference.field,
             offset=reference.offset,
         )
