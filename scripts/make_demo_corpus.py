@@ -69,23 +69,58 @@ def build(out: Path) -> None:
 
 
 def _benign(out: Path, scratch: Path, guest: Path) -> None:
-    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", str(guest),
-             str(out / "cloud.qcow2"))
-    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(guest),
-             str(out / "appliance.vmdk"))
+    qemu_img(
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        str(guest),
+        str(out / "cloud.qcow2"),
+    )
+    qemu_img(
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        str(guest),
+        str(out / "appliance.vmdk"),
+    )
     qemu_img("convert", "-f", "raw", "-O", "vpc", str(guest), str(out / "legacy.vhd"))
     qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(out / "fixed.vhd"), "1M")
     qemu_img("convert", "-f", "raw", "-O", "vdi", str(guest), str(out / "desktop.vdi"))
     content = scratch / "iso"
     content.mkdir()
     (content / "README.TXT").write_text("imgguard demo installer\n")
-    subprocess.run(["genisoimage", "-quiet", "-V", "IMGGUARD_DEMO", "-J", "-R", "-o",
-                    str(out / "install.iso"), str(content)], check=True)
+    subprocess.run(
+        [
+            "genisoimage",
+            "-quiet",
+            "-V",
+            "IMGGUARD_DEMO",
+            "-J",
+            "-R",
+            "-o",
+            str(out / "install.iso"),
+            str(content),
+        ],
+        check=True,
+    )
     disk = out / "gpt-disk.raw"
     with disk.open("wb") as file:
         file.truncate(2 << 20)
-    subprocess.run(["sfdisk", "-q", str(disk)], input="label: gpt\n,1M,L\n,,L\n", text=True,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["sfdisk", "-q", str(disk)],
+        input="label: gpt\n,1M,L\n,,L\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
 
 
 def _attacks(out: Path, scratch: Path) -> None:
@@ -95,30 +130,54 @@ def _attacks(out: Path, scratch: Path) -> None:
         return path
 
     qcow2("backing-etc-passwd.qcow2", "-u", "-F", "raw", "-b", "/etc/passwd")
-    qcow2("backing-json-nbd.qcow2", "-u", "-F", "raw", "-b",
-          'json:{"file.driver": "nbd", "file.host": "10.0.0.1", "file.port": "10809"}')
+    qcow2(
+        "backing-json-nbd.qcow2",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        'json:{"file.driver": "nbd", "file.host": "10.0.0.1", "file.port": "10809"}',
+    )
 
     # qemu-img creates the data file it is given, so make it under a harmless name of the same
     # length in a scratch directory, then rename it in the header extension.
     target = "/etc/shadow"
     placeholder = "x" * len(target)
     data_file = scratch / "data-file.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={placeholder}",
-                    str(data_file), "1G"], check=True, capture_output=True, cwd=scratch)
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"data_file={placeholder}",
+            str(data_file),
+            "1G",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=scratch,
+    )
     image = bytearray(data_file.read_bytes()[:65536])
     index = image.index(placeholder.encode())
     image[index : index + len(target)] = target.encode()
     (out / "data-file-etc-shadow.qcow2").write_bytes(bytes(image) + data_file.read_bytes()[65536:])
 
     descriptor = scratch / "flat.vmdk"
-    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(descriptor),
-             "1M")
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(descriptor), "1M")
     text = descriptor.read_text().replace('"flat-flat.vmdk"', '"/etc/passwd"')
     (out / "flat-extent-etc-passwd.vmdk").write_text(text)
 
     polyglot = qcow2("qcow2-mbr-polyglot.img")
-    patch(polyglot, 446, struct.pack("<B3sB3sII", 0x80, bytes(3), 0x83, bytes(3), 2048, 20480)
-          + bytes(48) + b"\x55\xaa")
+    patch(
+        polyglot,
+        446,
+        struct.pack("<B3sB3sII", 0x80, bytes(3), 0x83, bytes(3), 2048, 20480)
+        + bytes(48)
+        + b"\x55\xaa",
+    )
 
     whole = qcow2("truncated-source.qcow2")
     (out / "truncated.qcow2").write_bytes(whole.read_bytes()[:80])

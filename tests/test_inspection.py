@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import qemu_convert, qemu_info, raw_with_data
 
 import imgguard
+from conftest import qemu_convert, qemu_info, raw_with_data
 from imgguard import ImageError, NotARegularFile, UnreadableImage
 
 MakeImage = Callable[..., Path]
@@ -87,8 +87,9 @@ def test_iso_is_raw_iso9660(tmp_path: Path) -> None:
     content.mkdir()
     (content / "hello.txt").write_text("hello")
     iso = tmp_path / "disc.iso"
-    subprocess.run(["genisoimage", "-quiet", "-o", str(iso), "-V", "DEMO", str(content)],
-                   check=True)
+    subprocess.run(
+        ["genisoimage", "-quiet", "-o", str(iso), "-V", "DEMO", str(content)], check=True
+    )
     info = imgguard.inspect(iso)
     assert (info.format, info.variant, info.matches) == ("raw", "iso9660", ("iso9660",))
     assert info.virtual_size == qemu_info(iso)["virtual-size"]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import attrs
 import pytest
-from conftest import qemu_convert, qemu_create, raw_with_data, run_qemu_img
 
 import imgguard
+from conftest import qemu_convert, raw_with_data, run_qemu_img
 from imgguard import Policy, Severity, Status, check
 from imgguard.model import ImageInfo
 from imgguard.policy import ConfigError, load_policy, policy_from_mapping
@@ -159,8 +159,14 @@ def test_fixed_vhd_of_partitioned_disk_is_not_confusion(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("claimed", "fmt", "ok"),
-    [("qcow2", "raw", False), ("raw", "qcow2", False), ("vhd", "vpc", True), ("ami", "raw", True),
-     ("qcow2", "qcow2", True), ("vmdk", "vpc", False)],
+    [
+        ("qcow2", "raw", False),
+        ("raw", "qcow2", False),
+        ("vhd", "vpc", True),
+        ("ami", "raw", True),
+        ("qcow2", "qcow2", True),
+        ("vmdk", "vpc", False),
+    ],
 )
 def test_claimed_format_is_ig202(make_image: MakeImage, claimed: str, fmt: str, ok: bool) -> None:
     image = make_image(fmt, "64M")
@@ -187,8 +193,15 @@ def test_unknown_incompatible_bit_is_ig301(make_image: MakeImage) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [("extended_l2=on",), ("compression_type=zstd",), ("lazy_refcounts=on",), ("compat=0.10",),
-     ("cluster_size=2M",), ("cluster_size=512",), ("refcount_bits=64",)],
+    [
+        ("extended_l2=on",),
+        ("compression_type=zstd",),
+        ("lazy_refcounts=on",),
+        ("compat=0.10",),
+        ("cluster_size=2M",),
+        ("cluster_size=512",),
+        ("refcount_bits=64",),
+    ],
 )
 def test_known_qcow2_features_pass(make_image: MakeImage, options: tuple[str, ...]) -> None:
     assert_passes(check(make_image("qcow2", "1G", *options)))
@@ -323,9 +336,19 @@ def test_conversion_disabled_is_ig801(make_image: MakeImage) -> None:
 
 @pytest.mark.parametrize(
     ("fmt", "options"),
-    [("raw", ()), ("qcow2", ()), ("qcow2", ("compat=0.10",)), ("vmdk", ()),
-     ("vmdk", ("subformat=streamOptimized",)), ("vpc", ()), ("vpc", ("subformat=fixed",)),
-     ("vhdx", ()), ("vhdx", ("subformat=fixed",)), ("vdi", ()), ("vdi", ("static=on",))],
+    [
+        ("raw", ()),
+        ("qcow2", ()),
+        ("qcow2", ("compat=0.10",)),
+        ("vmdk", ()),
+        ("vmdk", ("subformat=streamOptimized",)),
+        ("vpc", ()),
+        ("vpc", ("subformat=fixed",)),
+        ("vhdx", ()),
+        ("vhdx", ("subformat=fixed",)),
+        ("vdi", ()),
+        ("vdi", ("static=on",)),
+    ],
 )
 def test_every_single_file_image_qemu_img_makes_passes(
     make_image: MakeImage, fmt: str, options: tuple[str, ...]
@@ -383,9 +406,14 @@ def test_policy_from_toml(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("values", "key"),
-    [({"allowed-formats": "qcow2"}, "allowed-formats"), ({"max-virtual-size": "huge"},
-     "max-virtual-size"), ({"fail-on": "sometimes"}, "fail-on"), ({"colour": True}, "colour"),
-     ({"waivers": ["IG999"]}, "waivers"), ({"allow-encrypted": "yes"}, "allow-encrypted")],
+    [
+        ({"allowed-formats": "qcow2"}, "allowed-formats"),
+        ({"max-virtual-size": "huge"}, "max-virtual-size"),
+        ({"fail-on": "sometimes"}, "fail-on"),
+        ({"colour": True}, "colour"),
+        ({"waivers": ["IG999"]}, "waivers"),
+        ({"allow-encrypted": "yes"}, "allow-encrypted"),
+    ],
 )
 def test_bad_policy_values_name_the_key(values: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import qemu_convert, qemu_create, raw_with_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import imgguard
+from conftest import qemu_convert, qemu_create, raw_with_data
 from imgguard import ImageError, ImageInfo, check
 
 SEEDS = [
