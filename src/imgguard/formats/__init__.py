@@ -34,7 +34,6 @@ QEMU_FORMATS = (
 RAW_LAYOUTS = ("iso9660", "gpt", "mbr")
 
 
-
 @functools.cache
 def drivers() -> tuple[FormatDriver, ...]:
     """The qemu format drivers, in qemu's tie-break order."""
