@@ -9,55 +9,72 @@ cannot collide with one another.
 
 from __future__ import annotations
 
-import functools
-import importlib
-
+from imgguard.formats import (
+    bochs,
+    cloop,
+    dmg,
+    gpt,
+    iso9660,
+    luks,
+    mbr,
+    parallels,
+    qcow,
+    qcow2,
+    qed,
+    raw,
+    vdi,
+    vhdx,
+    vmdk,
+    vpc,
+)
 from imgguard.formats._driver import FormatDriver
 
-# qemu driver names, in qemu's tie-break order.
-QEMU_FORMATS = (
-    "qed",
-    "parallels",
-    "vdi",
-    "qcow",
-    "qcow2",
-    "vmdk",
-    "vpc",
-    "vhdx",
-    "luks",
-    "bochs",
-    "cloop",
-    "dmg",
-    "raw",
+# qemu's drivers, in qemu's tie-break order; raw, its fallback, last.
+DRIVERS: tuple[FormatDriver, ...] = (
+    qed.DRIVER,
+    parallels.DRIVER,
+    vdi.DRIVER,
+    qcow.DRIVER,
+    qcow2.DRIVER,
+    vmdk.DRIVER,
+    vpc.DRIVER,
+    vhdx.DRIVER,
+    luks.DRIVER,
+    bochs.DRIVER,
+    cloop.DRIVER,
+    dmg.DRIVER,
+    raw.DRIVER,
 )
 # Layouts inside a raw disk, most specific first: a hybrid ISO carries an MBR or GPT too.
-RAW_LAYOUTS = ("iso9660", "gpt", "mbr")
+LAYOUT_DRIVERS: tuple[FormatDriver, ...] = (iso9660.DRIVER, gpt.DRIVER, mbr.DRIVER)
+
+QEMU_FORMATS = tuple(driver.name for driver in DRIVERS)
+RAW_LAYOUTS = tuple(driver.name for driver in LAYOUT_DRIVERS)
+_BY_NAME = {driver.name: driver for driver in DRIVERS + LAYOUT_DRIVERS}
 
 
-@functools.cache
 def drivers() -> tuple[FormatDriver, ...]:
-    """The qemu format drivers, in qemu's tie-break order."""
-    return tuple(_load(name) for name in QEMU_FORMATS)
+    """qemu's format drivers, in qemu's tie-break order."""
+    return DRIVERS
 
 
-@functools.cache
 def layout_drivers() -> tuple[FormatDriver, ...]:
     """The raw-disk layouts, most specific first."""
-    return tuple(_load(name) for name in RAW_LAYOUTS)
+    return LAYOUT_DRIVERS
 
 
 def by_name(name: str) -> FormatDriver:
-    return _load(name)
+    """The driver for a qemu format name or a raw layout name; KeyError for anything else."""
+    return _BY_NAME[name]
 
 
-@functools.cache
-def _load(name: str) -> FormatDriver:
-    if name not in QEMU_FORMATS and name not in RAW_LAYOUTS:
-        raise KeyError(name)
-    # Imported on first use, so that one format module can be imported (and tested) on its own.
-    module = importlib.import_module(f"imgguard.formats.{name}")
-    driver: FormatDriver = module.DRIVER
-    return driver
-
-
-__all__ = ["QEMU_FORMATS", "RAW_LAYOUTS", "FormatDriver", "by_name", "drivers", "layout_drivers"]
+__all__ = [
+    "DRIVERS",
+    "LAYOUT_DRIVERS",
+    "QEMU_FORMATS",
+    "RAW_LAYOUTS",
+    "FormatDriver",
+    "by_name",
+    "drivers",
+    "layout_drivers",
+]
