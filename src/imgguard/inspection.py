@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 
 from imgguard import formats
 from imgguard.errors import ImageError
 from imgguard.formats import FormatDriver
+from imgguard.formats._driver import _never
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import ImageReader, open_image
 
@@ -30,9 +31,8 @@ def inspect(image: ImageSource) -> ImageInfo:
     """
     if isinstance(image, (str, os.PathLike)):
         with open_image(image) as (reader, file_stat):
-            info = inspect_reader(reader)
             # qemu-img's "actual-size" is the space allocated on disk, not the length.
-            return attrs.evolve(info, path=os.fspath(image), actual_size=file_stat.st_blocks * 512)
+            return _inspect(reader, actual_size=file_stat.st_blocks * 512)
     reader = ImageReader.from_file(image)
     return inspect_reader(reader)
 
@@ -43,17 +43,23 @@ def inspect_bytes(data: bytes, name: str | None = None) -> ImageInfo:
 
 
 def inspect_reader(reader: ImageReader) -> ImageInfo:
+    return _inspect(reader)
+
+
+def _inspect(reader: ImageReader, actual_size: int | None = None) -> ImageInfo:
     qemu_choice, recognised = _probe_all(reader)
     chosen = _true_format(qemu_choice, recognised)
     info = _inspect_with(chosen, reader)
-    matches = _matches(chosen, qemu_choice, recognised)
-    return attrs.evolve(
-        info,
-        path=reader.name,
-        file_size=reader.size,
-        qemu_format=qemu_choice.name,
-        matches=matches,
-    )
+    changes: dict[str, Any] = {
+        "path": reader.name,
+        "file_size": reader.size,
+        "qemu_format": qemu_choice.name,
+        "matches": _matches(chosen, qemu_choice, recognised),
+    }
+    if actual_size is not None:
+        changes["actual_size"] = actual_size
+    # One evolve for everything the detector adds: each one rebuilds and revalidates the info.
+    return attrs.evolve(info, **changes)
 
 
 def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
@@ -67,7 +73,7 @@ def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
         score = driver.probe(reader)
         if score > best_score:
             best, best_score = driver, score
-        if score > 0 or driver.recognise(reader):
+        if score > 0 or (driver.recognise is not _never and driver.recognise(reader)):
             recognised.append(driver)
     recognised.extend(driver for driver in formats.layout_drivers() if driver.recognise(reader))
     return best or formats.by_name("raw"), recognised

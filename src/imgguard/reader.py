@@ -9,8 +9,10 @@ tests and the benchmark measure.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
+import struct as _struct
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -38,8 +40,15 @@ MAX_REGION = 1 << 20
 class ImageReader:
     """Bounded, counted, cached reads of one image file."""
 
-    def __init__(self, file: BinaryIO, *, size: int, name: str | None = None) -> None:
+    def __init__(
+        self, file: BinaryIO | None, *, size: int, name: str | None = None, fd: int | None = None
+    ) -> None:
+        """Read from `file`, or with `os.pread` from `fd` (one system call per read, no file
+        object) when `file` is None."""
+        if file is None and fd is None:
+            raise ValueError("ImageReader needs a file or a file descriptor")
         self._file = file
+        self._fd = fd if file is None else None
         self.size = size
         self.name = name
         self.bytes_read = 0
@@ -65,24 +74,22 @@ class ImageReader:
                 raise UnreadableImage(f"cannot seek in {name or 'stream'}: {error}") from error
         return cls(file, size=size, name=name or getattr(file, "name", None))
 
-    @property
+    # cached_property, not property: every prober asks for the head, and after the first read
+    # it is a plain instance attribute.
+    @functools.cached_property
     def head(self) -> bytes:
         """The first HEAD_SIZE bytes (fewer for a smaller file)."""
-        if self._head is None:
-            self._head = self._pread(0, min(self.size, HEAD_SIZE))
+        self._head = self._pread(0, min(self.size, HEAD_SIZE))
         return self._head
 
-    @property
+    @functools.cached_property
     def tail(self) -> bytes:
         """The last TAIL_SIZE bytes (the whole file when it is smaller)."""
-        if self._tail is None:
-            start = max(0, self.size - TAIL_SIZE)
-            if start < len(self.head):
-                self._tail = self.head[start:] + self._pread(
-                    len(self.head), self.size - len(self.head)
-                )
-            else:
-                self._tail = self._pread(start, self.size - start)
+        start = max(0, self.size - TAIL_SIZE)
+        if start < len(self.head):
+            self._tail = self.head[start:] + self._pread(len(self.head), self.size - len(self.head))
+        else:
+            self._tail = self._pread(start, self.size - start)
         return self._tail
 
     def read(self, offset: int, length: int, *, field: str, cap: int = MAX_REGION) -> bytes:
@@ -136,8 +143,12 @@ class ImageReader:
         if length <= 0:
             return b""
         try:
-            self._file.seek(offset)
-            data = self._file.read(length)
+            if self._fd is not None:
+                data = os.pread(self._fd, length, offset)
+            else:
+                assert self._file is not None
+                self._file.seek(offset)
+                data = self._file.read(length)
         except OSError as error:
             raise UnreadableImage(
                 f"read of {length} bytes failed: {error.strerror or error}", offset=offset
@@ -166,12 +177,10 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[tuple[ImageReader, os.s
         file_stat = os.fstat(fd)
         # The path may have been swapped for something else between lstat and open.
         _require_regular(file_stat, name)
-        file = os.fdopen(fd, "rb", buffering=0)
-    except BaseException:
+        # pread on the descriptor: one system call per read and no file object to build.
+        yield ImageReader(None, size=file_stat.st_size, name=name, fd=fd), file_stat
+    finally:
         os.close(fd)
-        raise
-    with file:
-        yield ImageReader(file, size=file_stat.st_size, name=name), file_stat
 
 
 def _require_regular(st: os.stat_result, name: str) -> None:
@@ -195,12 +204,25 @@ def parse_struct(struct: construct.Construct, data: bytes, *, offset: int, what:
 
     construct reports the failing field as a path (`(parsing) -> header -> magic`); that becomes the
     error's field so messages say where in the spec the bytes went wrong.
+
+    A compiled struct (`Struct(...).compile()`) is only safe on input of at least its full size:
+    its `Bytes(n)` takes what is there, and a short integer raises `struct.error`. So a compiled
+    struct of fixed size gets a length check first, and one whose size depends on the data is
+    parsed by its interpreted definition instead.
     """
+    if isinstance(struct, construct.Compiled):
+        size = _compiled_size(struct)
+        if size is None:
+            struct = struct.defersubcon
+        elif len(data) < size:
+            raise TruncatedImage(
+                f"{what} is cut short: {len(data)} of its {size} bytes", field=what, offset=offset
+            )
     try:
         return struct.parse(data)
     except ImageError:
         raise
-    except construct.StreamError as error:
+    except (construct.StreamError, _struct.error) as error:
         raise TruncatedImage(
             f"{what} is cut short", field=_construct_field(error, what), offset=offset
         ) from error
@@ -210,6 +232,16 @@ def parse_struct(struct: construct.Construct, data: bytes, *, offset: int, what:
             field=_construct_field(error, what),
             offset=offset,
         ) from error
+
+
+@functools.cache
+def _compiled_size(struct: construct.Compiled) -> int | None:
+    """The fixed size of a compiled struct, or None when it depends on the bytes."""
+    try:
+        size: int = struct.sizeof()
+    except construct.SizeofError:
+        return None
+    return size
 
 
 def _construct_field(error: construct.ConstructError, what: str) -> str:
