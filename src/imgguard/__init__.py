@@ -7,6 +7,18 @@
 
 from __future__ import annotations
 
+from imgguard.backend import (
+    ConversionFailed,
+    ConversionResult,
+    ConversionTimeout,
+    ImageRejected,
+    NoSpaceLeft,
+    QemuImgNotFound,
+    convert,
+    qemu_img_version,
+    qemu_info,
+    resize,
+)
 from imgguard.errors import (
     ConfigError,
     ImageError,
@@ -41,19 +53,25 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_POLICY",
     "ConfigError",
+    "ConversionFailed",
+    "ConversionResult",
+    "ConversionTimeout",
     "Encryption",
     "Extent",
     "Feature",
     "Finding",
     "ImageError",
     "ImageInfo",
+    "ImageRejected",
     "ImgguardError",
     "KeySlot",
     "LimitExceeded",
     "MalformedImage",
+    "NoSpaceLeft",
     "NotARegularFile",
     "Policy",
     "Problem",
+    "QemuImgNotFound",
     "Reference",
     "ReferenceKind",
     "Severity",
@@ -64,7 +82,11 @@ __all__ = [
     "Verdict",
     "__version__",
     "check",
+    "convert",
     "inspect",
     "inspect_bytes",
     "load_policy",
+    "qemu_img_version",
+    "qemu_info",
+    "resize",
 ]
