@@ -549,6 +549,17 @@ def unreadable(info: ImageInfo, request: Request) -> Iterator[Hit]:
 
 
 @rule(
+    "IG703",
+    "inspection-failed",
+    Severity.HIGH,
+    None,
+    "Inspection crashed, ran out of time or hit an internal error; the image was not judged.",
+)
+def inspection_failed(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    return iter(())
+
+
+@rule(
     "IG801",
     "conversion-disabled",
     Severity.HIGH,

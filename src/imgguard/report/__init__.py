@@ -1,14 +1,23 @@
-"""Report formats for `scan`: each module renders a list of verdicts to text."""
+"""Report formats for `scan` and `check`: one module per format, each behind `RENDERERS`.
+
+A renderer takes the verdicts, in the order they are to be reported, and a `Run` that says how
+the scan went (its exit status, whether it was interrupted), and returns the whole report.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from imgguard.model import Verdict
-from imgguard.report import json, text
+from imgguard.report import json, sarif, text
+from imgguard.report._run import Run
 
-Renderer = Callable[[Sequence[Verdict]], str]
 
-RENDERERS: dict[str, Renderer] = {"text": text.render, "json": json.render}
+class Renderer(Protocol):
+    def __call__(self, verdicts: Sequence[Verdict], run: Run | None = None) -> str: ...
 
-__all__ = ["RENDERERS", "Renderer"]
+
+RENDERERS: dict[str, Renderer] = {"text": text.render, "json": json.render, "sarif": sarif.render}
+
+__all__ = ["RENDERERS", "Renderer", "Run"]

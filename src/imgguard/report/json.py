@@ -6,7 +6,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from imgguard.model import Finding, Status, Verdict
+from imgguard.model import Finding, Verdict
+from imgguard.report._run import Run, counts
 
 
 def finding_to_dict(finding: Finding) -> dict[str, Any]:
@@ -43,13 +44,12 @@ def verdict_to_dict(verdict: Verdict) -> dict[str, Any]:
 
 
 def summary(verdicts: Sequence[Verdict]) -> dict[str, int]:
-    counts = {"scanned": len(verdicts)}
-    for status in Status:
-        counts[str(status)] = sum(1 for verdict in verdicts if verdict.status is status)
-    return counts
+    return counts([str(verdict.status) for verdict in verdicts])
 
 
-def render(verdicts: Sequence[Verdict]) -> str:
+def render(verdicts: Sequence[Verdict], run: Run | None = None) -> str:
+    """The contract's document. An interrupted scan lists the images it finished; the keys stay
+    exactly the documented ones (the exit status says it was interrupted)."""
     from imgguard import __version__
 
     document = {

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from imgguard.model import Verdict
+from imgguard.report._run import Run, counts
+
+HEADER = ("PATH", "FORMAT", "VIRTUAL SIZE", "VERDICT", "TOP FINDING")
 
 
 def human_size(size: int | None) -> str:
@@ -18,36 +21,50 @@ def human_size(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def _row(verdict: Verdict) -> list[str]:
+def top_finding(verdict: Verdict) -> str:
+    """The worst finding (the first of the worst, as `rules.evaluate` sorts them) and how many
+    more there are."""
+    worst = verdict.worst
+    if worst is None:
+        return ""
+    text = f"{worst.rule} {worst.severity}: {worst.message}"
+    more = len(verdict.findings) - 1
+    return f"{text} (+{more} more)" if more else text
+
+
+def _row(verdict: Verdict) -> tuple[str, str, str, str, str]:
     info = verdict.info
     kind = "-"
     if info is not None:
         kind = f"{info.format}/{info.variant}" if info.variant else info.format
-    worst = verdict.worst
-    finding = f"{worst.rule} {worst.message}" if worst else ""
-    return [
+    return (
         verdict.path or "-",
         kind,
         human_size(info.virtual_size if info else None),
         str(verdict.status).upper(),
-        finding,
-    ]
+        top_finding(verdict),
+    )
 
 
-def render(verdicts: Sequence[Verdict]) -> str:
-    header = ["PATH", "FORMAT", "VIRTUAL SIZE", "VERDICT", "TOP FINDING"]
-    rows = [_row(verdict) for verdict in verdicts]
-    widths = [max([len(header[i])] + [len(row[i]) for row in rows]) for i in range(4)]
+def summary_line(verdicts: Sequence[Verdict], run: Run | None = None) -> str:
+    summary = counts([str(verdict.status) for verdict in verdicts])
+    line = (
+        f"{summary['scanned']} scanned: {summary['pass']} pass, {summary['reject']} reject, "
+        f"{summary['error']} error"
+    )
+    if run is not None and run.interrupted:
+        planned = run.planned if run.planned is not None else summary["scanned"]
+        line += f" (interrupted after {summary['scanned']} of {planned})"
+    return line
+
+
+def render(verdicts: Sequence[Verdict], run: Run | None = None) -> str:
+    rows = [HEADER, *(_row(verdict) for verdict in verdicts)]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
     lines = []
-    for row in [header, *rows]:
+    for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
         lines.append("  ".join([*cells, row[4]]).rstrip())
-    counts = {status: 0 for status in ("pass", "reject", "error")}
-    for verdict in verdicts:
-        counts[str(verdict.status)] += 1
     lines.append("")
-    lines.append(
-        f"{len(verdicts)} scanned: {counts['pass']} pass, {counts['reject']} reject, "
-        f"{counts['error']} error"
-    )
+    lines.append(summary_line(verdicts, run))
     return "\n".join(lines) + "\n"
