@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any, BinaryIO
-
-import attrs
+from typing import BinaryIO
 
 from imgguard import formats
 from imgguard.errors import ImageError
 from imgguard.formats import FormatDriver
 from imgguard.formats._driver import _never
 from imgguard.model import ImageInfo, Problem, ProblemKind
-from imgguard.reader import ImageReader, open_image
+from imgguard.reader import ImageReader, open_regular
 
 ImageSource = str | os.PathLike[str] | BinaryIO
 
@@ -30,9 +28,15 @@ def inspect(image: ImageSource) -> ImageInfo:
     be opened or read (not a regular file, permission denied, I/O error).
     """
     if isinstance(image, (str, os.PathLike)):
-        with open_image(image) as (reader, file_stat):
+        # open_image() without its context manager: this is the hot path of every scan.
+        name = os.fspath(image)
+        fd, file_stat = open_regular(name)
+        try:
+            reader = ImageReader(None, size=file_stat.st_size, name=name, fd=fd)
             # qemu-img's "actual-size" is the space allocated on disk, not the length.
             return _inspect(reader, actual_size=file_stat.st_blocks * 512)
+        finally:
+            os.close(fd)
     reader = ImageReader.from_file(image)
     return inspect_reader(reader)
 
@@ -50,16 +54,18 @@ def _inspect(reader: ImageReader, actual_size: int | None = None) -> ImageInfo:
     qemu_choice, recognised = _probe_all(reader)
     chosen = _true_format(qemu_choice, recognised)
     info = _inspect_with(chosen, reader)
-    changes: dict[str, Any] = {
-        "path": reader.name,
-        "file_size": reader.size,
-        "qemu_format": qemu_choice.name,
-        "matches": _matches(chosen, qemu_choice, recognised),
-    }
+    # The detector's own fields, set on the driver's result in place instead of an
+    # `attrs.evolve` (which runs ImageInfo's 21-field __init__ and converter a second time,
+    # ~5 us). Safe because every driver returns a new ImageInfo that nothing else holds yet, and
+    # none of these fields has a converter or validator.
+    set_field = object.__setattr__
+    set_field(info, "path", reader.name)
+    set_field(info, "file_size", reader.size)
+    set_field(info, "qemu_format", qemu_choice.name)
+    set_field(info, "matches", _matches(chosen, qemu_choice, recognised))
     if actual_size is not None:
-        changes["actual_size"] = actual_size
-    # One evolve for everything the detector adds: each one rebuilds and revalidates the info.
-    return attrs.evolve(info, **changes)
+        set_field(info, "actual_size", actual_size)
+    return info
 
 
 def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:

@@ -93,6 +93,7 @@ _OFFSETS = {
     "uuid_parent": 440,
 }
 _NULL_UUID = bytes(16)
+_SIGNATURE_BYTES = VDI_SIGNATURE.to_bytes(4, "little")
 
 
 def probe(reader: ImageReader) -> int:
@@ -100,7 +101,7 @@ def probe(reader: ImageReader) -> int:
     # find_image_format() always passes its whole 2048-byte buffer (zero-filled past the end
     # of the file), so in practice only the signature at offset 64 counts.
     head = reader.head
-    if len(head) >= 68 and head[64:68] == VDI_SIGNATURE.to_bytes(4, "little"):
+    if len(head) >= 68 and head[64:68] == _SIGNATURE_BYTES:
         return 100
     return 0
 
@@ -127,7 +128,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
             "header",
         )
         data += bytes(VDI_HEADER_SIZE - len(data))
-    if data[64:68] != VDI_SIGNATURE.to_bytes(4, "little"):
+    if data[64:68] != _SIGNATURE_BYTES:
         raise MalformedImage(
             f"bad signature {int.from_bytes(data[64:68], 'little'):08x}",
             field="vdi.signature",
@@ -253,10 +254,15 @@ def inspect(reader: ImageReader) -> ImageInfo:
             "offset_data",
         )
 
-    features = tuple(
-        Feature(VDI_FLAGS.get(bit, f"bit{bit}"), FeatureKind.COMPATIBLE, bit, bit in VDI_FLAGS)
-        for bit in range(32)
-        if hdr.image_flags >> bit & 1
+    image_flags: int = hdr.image_flags
+    features = (
+        tuple(
+            Feature(VDI_FLAGS.get(bit, f"bit{bit}"), FeatureKind.COMPATIBLE, bit, bit in VDI_FLAGS)
+            for bit in range(32)
+            if image_flags >> bit & 1
+        )
+        if image_flags
+        else ()
     )
     header = {
         "text": _c_string(hdr.text),
@@ -295,7 +301,12 @@ def inspect(reader: ImageReader) -> ImageInfo:
 def _uuid(raw: bytes) -> str:
     # VirtualBox stores RTUUIDs with the first three fields little-endian (qemu's uuid_convert /
     # qemu_uuid_bswap turns them around before printing).
+    if raw == _NULL_UUID:
+        return _NULL_UUID_TEXT
     return str(uuid.UUID(bytes_le=raw))
+
+
+_NULL_UUID_TEXT = str(uuid.UUID(bytes_le=_NULL_UUID))
 
 
 def _c_string(raw: bytes) -> str:
