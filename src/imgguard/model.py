@@ -101,6 +101,9 @@ class Encryption:
     key_bytes: int | None = None
     payload_offset: int | None = None
     key_slots: tuple[KeySlot, ...] = ()
+    # PBKDF2 iterations of the master key digest (LUKS1 mk_digest_iterations, the largest of a
+    # LUKS2 header's pbkdf2 digests): run once more for every active key slot tried.
+    digest_iterations: int | None = None
 
 
 class ProblemKind(enum.StrEnum):

@@ -187,15 +187,21 @@ def _date(raw: bytes) -> str | None:
     )
 
 
+# ECMA-167 2/9.1: a UDF volume without an ISO 9660 bridge starts its recognition sequence at
+# sector 16 with BEA01 (oslo's ISO inspector looks for NSR02/NSR03 there; Linux for any of
+# them). A qcow2 carrying one is as much a polyglot as one carrying CD001.
+UDF_FIRST_IDENTIFIERS = frozenset({b"BEA01", b"NSR02", b"NSR03"})
+
+
 def recognise(reader: ImageReader) -> bool:
-    """A volume descriptor ("CD001") at logical sector 16."""
+    """A volume descriptor ("CD001") or a UDF recognition sequence at logical sector 16."""
     if reader.size < DESCRIPTORS_OFFSET + SECTOR_SIZE:
         return False
     try:
         header = reader.read(DESCRIPTORS_OFFSET + 1, 5, field="volume_descriptor")
     except ImageError:
         return False
-    return header == STANDARD_IDENTIFIER
+    return header == STANDARD_IDENTIFIER or header in UDF_FIRST_IDENTIFIERS
 
 
 def probe(reader: ImageReader) -> int:
@@ -469,6 +475,17 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
     sectors = _descriptors(reader)
     first = sectors[0][1] if sectors else b""
+    if first[1:6] in UDF_FIRST_IDENTIFIERS:
+        # A UDF volume without ISO 9660 descriptors: a raw disk to qemu, named for what it is.
+        sequence = tuple(
+            sector[1:6].decode("ascii") for _, sector in sectors if sector[1:6] in VRS_IDENTIFIERS
+        )
+        return ImageInfo(
+            format="raw",
+            variant=NAME,
+            virtual_size=reader.size,  # qemu raw: the file's length (raw_co_getlength)
+            header={"descriptors": (), "udf": sequence, "el_torito": False, "joliet_level": None},
+        )
     if first[1:6] != STANDARD_IDENTIFIER:
         raise MalformedImage(
             "no ISO 9660 volume descriptor (CD001) at sector 16",

@@ -380,6 +380,9 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
         key_bytes=key_bytes,
         payload_offset=payload_offset,
         key_slots=tuple(slots),
+        # qcrypto_block_luks_load_key() checks every candidate master key with PBKDF2 over
+        # mk_digest_iterations: each active slot tried costs these on top of its own.
+        digest_iterations=hdr.mk_digest_iterations,
     )
     header = {
         "version": 1,
@@ -636,6 +639,7 @@ def _luks2_facts(
     key_bytes: int | None = None
     payload_offset: int | None = None
     data_size: int | None = None
+    digest_iterations: int | None = None
 
     if metadata is not None:
         keyslots = _objects(metadata, "keyslots", problem)
@@ -702,6 +706,12 @@ def _luks2_facts(
             if isinstance(digest.get("hash"), str):
                 hash_spec = digest["hash"]
                 break
+        # cryptsetup verifies a candidate volume key against each digest with its PBKDF2.
+        for _, digest in digests:
+            if digest.get("type") == "pbkdf2":
+                count = _int(digest.get("iterations"))
+                if count is not None and count > (digest_iterations or 0):
+                    digest_iterations = count
 
         spans: list[tuple[str, int, int]] = []
         for slot_id, slot in keyslots:
@@ -805,6 +815,7 @@ def _luks2_facts(
         key_bytes=key_bytes,
         payload_offset=payload_offset,
         key_slots=tuple(slots),
+        digest_iterations=digest_iterations,
     )
     return LuksHeader(
         version=2,

@@ -162,6 +162,15 @@ def probe(reader: ImageReader) -> int:
     return 0
 
 
+def recognise(reader: ImageReader) -> bool:
+    # The magic with version 0, which no qemu prober claims (qcow_probe wants 1, qcow2_probe
+    # >= 2): qemu falls back to raw, and `-f qcow2` refuses "Unsupported qcow2 version 0". The
+    # bytes are still a qcow2 header, not guest data: report them as qcow2 so that the version
+    # problem below is seen instead of a silent raw pass.
+    head = reader.head[:8].ljust(8, b"\0")
+    return head[:4] == MAGIC and int.from_bytes(head[4:8], "big") == 0
+
+
 def inspect(reader: ImageReader) -> ImageInfo:
     return _Inspection(reader).run()
 
@@ -605,7 +614,12 @@ class _Inspection:
                 break
             count += 1
             ext_offset = offset
-            ext = EXTENSION_HEADER.parse(self._read_padded(offset, 8, "header_extension"))
+            ext = parse_struct(
+                EXTENSION_HEADER,
+                self._read_padded(offset, 8, "header_extension"),
+                offset=offset,
+                what="header_extension",
+            )
             magic: int = ext.magic
             length: int = ext.len
             offset += 8
@@ -695,7 +709,12 @@ class _Inspection:
                 offset - 4,
             )
             return
-        ext = CRYPTO_HEADER_EXTENSION.parse(self._read_padded(offset, 16, "crypto_header"))
+        ext = parse_struct(
+            CRYPTO_HEADER_EXTENSION,
+            self._read_padded(offset, 16, "crypto_header"),
+            offset=offset,
+            what="crypto_header",
+        )
         crypto_offset: int = ext.offset
         crypto_length: int = ext.length
         self.header["crypto_header_offset"] = crypto_offset
@@ -754,7 +773,12 @@ class _Inspection:
                 88,
             )
             return
-        ext = BITMAPS_EXTENSION.parse(self._read_padded(offset, 24, "bitmaps"))
+        ext = parse_struct(
+            BITMAPS_EXTENSION,
+            self._read_padded(offset, 24, "bitmaps"),
+            offset=offset,
+            what="bitmaps",
+        )
         nb_bitmaps: int = ext.nb_bitmaps
         directory_size: int = ext.bitmap_directory_size
         directory_offset: int = ext.bitmap_directory_offset
@@ -951,4 +975,4 @@ def _c_string(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise)

@@ -243,7 +243,11 @@ def recognise(reader: ImageReader) -> bool:
     """A descriptor qemu's prober misses (no `version=` line first) but `-f vmdk` would open."""
     if reader.size < 4 or reader.head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
         return False
-    text = _c_string(reader.head)
+    # vmdk_open() -> vmdk_read_desc() parses the whole C string of up to 1 MiB - 1, not just
+    # the prober's 2 KiB: a 5000-byte comment line would otherwise hide the createType and a
+    # FLAT extent from imgguard but not from `qemu-img -f vmdk`. Binary data has a NUL in its
+    # first bytes, so only text is read past the head.
+    text, _ = _read_c_text(reader, 0, min(reader.size, DESC_READ_MAX), "descriptor")
     if b"createType" not in text:
         return False
     scans = itertools.islice(_scan_extents(text), MAX_EXTENT_SCANS)
@@ -659,6 +663,33 @@ def _extent_lines(text: bytes) -> tuple[str, ...]:
             line = text[scan.start : len(text) if end < 0 else end]
             lines.append(_decode(line.rstrip(b"\r")))
     return tuple(lines)
+
+
+def _embedded_extent_problems(text: bytes, base: int) -> list[Problem]:
+    """Extent lines of a sparse file's embedded descriptor that name anything but the file.
+
+    qemu never opens them (vmdk_open_vmdk4() uses the header), but VMware reads the embedded
+    descriptor, and a hosted sparse or streamOptimized file names exactly one SPARSE extent:
+    itself, by a bare file name. A FLAT/VMFS/... line, or a name with a directory, a drive or a
+    protocol in it, points outside the file (oslo's format_inspector refuses such lines too).
+    """
+    problems = []
+    for index, scan in enumerate(itertools.islice(_scan_extents(text), MAX_EXTENT_SCANS)):
+        if scan.matches < 3:
+            continue
+        name = scan.filename or b""
+        if scan.type == "SPARSE" and not any(char in name for char in b"/\\:"):
+            continue
+        problems.append(
+            Problem(
+                ProblemKind.INCONSISTENT,
+                f"the embedded descriptor names a {scan.type} extent {_decode(name)!r}, not "
+                "this sparse file: qemu ignores it, VMware would open it",
+                field=f"descriptor_extents[{index}]",
+                offset=base + scan.start,
+            )
+        )
+    return problems
 
 
 def _qemu_extent_verdict(scan: ExtentScan) -> str:
@@ -1099,6 +1130,7 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
                 )
             )
         header["descriptor_extents"] = _extent_lines(text)
+        problems.extend(_embedded_extent_problems(text, desc_at))
         header.update(_ddb_facts(text))
 
     facts = _qemu_descriptor_facts(reader, SPARSE_DESC_OFFSET)

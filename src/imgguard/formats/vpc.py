@@ -118,7 +118,9 @@ PLATFORM_CODES = {
     b"MacX": "utf-8",  # Mac OS X "file://" URL, UTF-8
     b"Mac ": "utf-8",  # Mac OS alias record, a binary blob; reported byte for byte
 }
-# Platform data longer than this is cut (a Windows path is at most 32767 UTF-16 units).
+# Platform data longer than this is cut (a Windows path is at most 32767 UTF-16 units). The cap
+# is shared by all eight locators: qemu never reads them, so a header naming eight 64 KiB
+# locators must not make inspection read half a megabyte.
 LOCATOR_CAP = 64 * 1024
 # The BAT is scanned for qemu's end-of-file check only when it is this small (16384 entries,
 # a 32 GiB disk with 2 MiB blocks); larger BATs are located, not read.
@@ -475,6 +477,7 @@ def _parent_references(
                 offset + 40,
             )
         )
+    budget = LOCATOR_CAP
     for index, locator in enumerate(dyn.parent_locators):
         code = locator.platform_code
         if code == b"\0\0\0\0":
@@ -496,16 +499,20 @@ def _parent_references(
         data_offset = locator.platform_data_offset
         if length == 0:
             continue
-        if length > LOCATOR_CAP:
+        if length > budget:
             problems.append(
                 Problem(
                     ProblemKind.LIMIT,
-                    f"parent locator data of {length} bytes, read only the first {LOCATOR_CAP}",
+                    f"parent locator data of {length} bytes, read only the first {budget} "
+                    f"(all locators share a cap of {LOCATOR_CAP})",
                     f"{field}.platform_data_length",
                     entry_offset + 8,
                 )
             )
-            length = LOCATOR_CAP
+            length = budget
+        if length == 0:
+            continue
+        budget -= length
         try:
             data = reader.read(data_offset, length, field=f"{field}.platform_data_offset")
         except ImageError as error:
