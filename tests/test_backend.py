@@ -3,7 +3,8 @@ LUKS in and out, qemu_info, resize, the version, and the command lines themselve
 
 from __future__ import annotations
 
-import os
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from imgguard.backend import (
     ImageRejected,
     QemuImgNotFound,
 )
+from imgguard.backend.qemu import BACKING_FORMATS
+from imgguard.backend.sandbox import SOURCE_PATH, TARGET_PATH
 from imgguard.errors import ConfigError
 from imgguard.model import DEFAULT_ALLOWED_FORMATS, Policy
 
@@ -69,6 +72,17 @@ def compare(first: Path, first_format: str, second: Path, second_format: str) ->
     run_qemu_img("compare", "-q", "-f", first_format, "-F", second_format, str(first), str(second))
 
 
+def pinned_source(command: Sequence[str]) -> tuple[str, str]:
+    """(driver, file name) of the source: `-f DRIVER PATH`, or imgguard's `json:` filename."""
+    name = command[-2]
+    if name.startswith("json:"):
+        assert "-f" not in command
+        document = json.loads(name.removeprefix("json:"))
+        assert document["backing"] is None and document["file"]["driver"] == "file"
+        return document["driver"], document["file"]["filename"]
+    return command[command.index("-f") + 1], name
+
+
 def only_files(directory: Path) -> set[str]:
     return {entry.name for entry in directory.iterdir()}
 
@@ -92,11 +106,13 @@ def test_every_benign_format_converts_with_its_guest_data(
     if subformat is not None:
         assert result.output.variant == subformat
     compare(sources[source], fmt, destination, compare_as)
-    # The format is named, never probed: -f is the detected format (vpc for a fixed VHD too).
+    # The format is named, never probed: -f (or json:'s driver) is the detected format (vpc for a
+    # fixed VHD too); formats that can have a backing file are opened with "backing": null.
     command = list(result.command)
-    assert command[command.index("-f") + 1] == fmt
-    assert command[-2] == str(sources[source])
-    assert os.path.isabs(command[-1])
+    assert pinned_source(command) == (fmt, SOURCE_PATH)
+    assert (fmt in BACKING_FORMATS) == command[-2].startswith("json:")
+    assert command[-1] == TARGET_PATH
+    assert result.sandbox in ("bwrap", "unshare")
     assert only_files(tmp_path) == {destination.name}
     assert result.source_bytes == sources[source].stat().st_size
     assert result.output_bytes == destination.stat().st_size
@@ -192,7 +208,10 @@ def test_paths_that_look_like_protocols_or_options(
     source = Path("nbd:localhost,port=1.qcow2")
     source.write_bytes(sources["qcow2"].read_bytes())
     result = backend.convert(str(source), "-o,json:{}.raw", "raw")
-    assert result.command[-2] == str(tmp_path / source)
+    assert pinned_source(result.command) == ("qcow2", SOURCE_PATH)
+    unconfined = backend.convert(str(source), "-o,json:{}.raw", "raw", sandbox=False)
+    assert unconfined.sandbox == "none"
+    assert pinned_source(unconfined.command) == ("qcow2", str(tmp_path / source))
     assert (tmp_path / "-o,json:{}.raw").exists()
     compare(tmp_path / source, "qcow2", tmp_path / "-o,json:{}.raw", "raw")
 
@@ -311,7 +330,18 @@ def test_raw_to_luks_with_a_passphrase_file(sources: dict[str, Path], tmp_path: 
     assert result.output.format == "luks" and result.output.encrypted
     command = " ".join(result.command)
     assert NEW_SECRET not in command and "data=" not in command
-    assert f"secret,id=imgguard-dst-key,format=raw,file={tmp_path}/new,,key.txt" in command
+    assert "secret,id=imgguard-dst-key,format=raw,file=/secrets/target-key" in command
+    unconfined = convert_retrying(
+        sources["raw"],
+        destination,
+        "luks",
+        passphrase_file=passphrase,
+        cipher_spec=FAST_LUKS,
+        sandbox=False,
+    )
+    assert f"secret,id=imgguard-dst-key,format=raw,file={tmp_path}/new,,key.txt" in " ".join(
+        unconfined.command
+    )
     compare_opts(
         f"driver=raw,file.filename={sources['raw']}",
         f"driver=luks,key-secret=s0,file.filename={destination}",
@@ -339,8 +369,12 @@ def test_luks_to_luks_with_a_new_passphrase(luks_source: Path, tmp_path: Path) -
     )
     command = list(result.command)
     assert "-f" not in command  # an encrypted source is named by driver= in --image-opts
-    opts = command[command.index("--image-opts") + 1]
-    assert opts.startswith("driver=luks,key-secret=imgguard-src-key,file.driver=file,")
+    assert "--image-opts" in command
+    opts = command[-2]  # the source's option string, before the target
+    assert (
+        opts
+        == f"driver=luks,key-secret=imgguard-src-key,file.driver=file,file.filename={SOURCE_PATH}"
+    )
     assert LUKS_SECRET not in " ".join(command) and NEW_SECRET not in " ".join(command)
     compare_opts(
         f"driver=luks,key-secret=s0,file.filename={luks_source}",
@@ -491,8 +525,13 @@ def test_encrypted_qcow2_source(luks_source: Path, tmp_path: Path) -> None:
         passphrase_file=old,
         cipher_spec=FAST_LUKS,
     )
-    opts = result.command[result.command.index("--image-opts") + 1]
-    assert opts.startswith("driver=qcow2,encrypt.format=luks,encrypt.key-secret=imgguard-src-key,")
+    document = json.loads(result.command[-2].removeprefix("json:"))
+    assert document == {
+        "driver": "qcow2",
+        "backing": None,
+        "encrypt": {"format": "luks", "key-secret": "imgguard-src-key"},
+        "file": {"driver": "file", "filename": SOURCE_PATH},
+    }
     compare_opts(
         f"driver=luks,key-secret=s0,file.filename={luks_source}",
         f"driver=luks,key-secret=s0,file.filename={destination}",

@@ -31,6 +31,8 @@ CANARY = b"CANARY-BYTES-MUST-NEVER-LEAVE-THIS-FILE:"
 
 
 # --- a qemu-img on PATH that records every time it is started -----------------------------------
+# These wrappers and the fake qemu-img below are shell scripts that write into tmp_path: the
+# tests that use them run with sandbox=False (tests/test_sandbox.py covers the sandbox).
 
 
 @pytest.fixture
@@ -94,8 +96,10 @@ def alive(pid: int) -> bool:
 
 
 def qemu_children() -> list[int]:
-    """The qemu-img processes that are children of this test process."""
-    found = []
+    """The live qemu-img processes descended from this test process (in a sandbox qemu-img is
+    a grandchild: bwrap or unshare, then the namespace's first process, then qemu-img)."""
+    names: dict[int, str] = {}
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -104,11 +108,21 @@ def qemu_children() -> list[int]:
                 text = file.read()
         except OSError:
             continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        ppid = int(text.rsplit(")", 1)[1].split()[1])
-        if name == "qemu-img" and ppid == os.getpid() and alive(int(entry)):
-            found.append(int(entry))
-    return found
+        names[int(entry)] = text[text.index("(") + 1 : text.rindex(")")]
+        parents[int(entry)] = int(text.rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        for _ in range(16):
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    return [
+        pid for pid, name in names.items() if name == "qemu-img" and descends(pid) and alive(pid)
+    ]
 
 
 @pytest.fixture
@@ -241,7 +255,7 @@ def test_backend_refuses_references_even_when_the_policy_waives_them(
 
 def test_qemu_info_as_raw_never_follows(tmp_path: Path, canary: Path, qemu_log: Path) -> None:
     image = backing_file_image(tmp_path, canary)
-    info = backend.qemu_info(image, "raw", policy=None)
+    info = backend.qemu_info(image, "raw", policy=None, sandbox=False)  # the logging wrapper
     assert info.format == "raw" and info.backing_filename is None
     (line,) = invocations(qemu_log)
     assert " -f raw " in f" {line} "
@@ -262,7 +276,7 @@ def test_benign_conversion_is_one_qemu_img_process_with_a_named_format(
     tmp_path: Path, qemu_log: Path
 ) -> None:
     source = qemu_convert(raw_with_data(tmp_path / "d.raw", 2 * MiB), tmp_path / "d.vhdx", "vhdx")
-    backend.convert(source, tmp_path / "out.qcow2", "qcow2")
+    backend.convert(source, tmp_path / "out.qcow2", "qcow2", sandbox=False)  # the logging wrapper
     (line,) = invocations(qemu_log)
     assert " convert -p -f vhdx -O qcow2 " in line
     assert "json:" not in line and "--image-opts" not in line
@@ -378,7 +392,7 @@ def test_timeout_kills_the_whole_process_group(
         """,
     )
     with pytest.raises(ConversionTimeout):
-        backend.convert(source, destination, "qcow2", limits=Limits(timeout=0.5))
+        backend.convert(source, destination, "qcow2", limits=Limits(timeout=0.5), sandbox=False)
     shell, sleeper = (int(line) for line in pids.read_text().split())
     deadline = time.monotonic() + 5
     while alive(sleeper) and time.monotonic() < deadline:
@@ -390,7 +404,9 @@ def test_cpu_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, destination:
     source = raw_with_data(tmp_path / "d.raw", 1 * MiB)
     fake_qemu_img(tmp_path, monkeypatch, 'printf partial > "$last"\nwhile :; do :; done\n')
     with pytest.raises(ConversionFailed) as caught:
-        backend.convert(source, destination, "qcow2", limits=Limits(cpu_seconds=1, timeout=20))
+        backend.convert(
+            source, destination, "qcow2", limits=Limits(cpu_seconds=1, timeout=20), sandbox=False
+        )
     assert caught.value.limit == "cpu"
     assert caught.value.signal in (signal.SIGXCPU, signal.SIGKILL)
     assert "CPU time limit" in str(caught.value)
@@ -417,7 +433,7 @@ def test_limits_are_set_in_the_child(tmp_path: Path, monkeypatch: pytest.MonkeyP
         """,
     )
     with pytest.raises(ConversionFailed, match="exit status 1"):
-        backend.convert(source, tmp_path / "o.raw", "raw")
+        backend.convert(source, tmp_path / "o.raw", "raw", sandbox=False)
     cpu, memory_kib, core, environment = report.read_text().splitlines()
     assert int(cpu) == 30 + 60  # 30 s plus 60 s for the (one, rounded up) GiB
     assert int(memory_kib) == (1 << 30) // 1024
@@ -483,7 +499,7 @@ def test_source_changed_during_conversion_is_discarded(
     assert QEMU_IMG is not None
     fake_qemu_img(tmp_path, monkeypatch, f'printf more >> {source}\nexec {QEMU_IMG} "$@"\n')
     with pytest.raises(ConversionFailed, match="changed while it was being converted"):
-        backend.convert(source, destination, "qcow2")
+        backend.convert(source, destination, "qcow2", sandbox=False)
 
 
 # --- a full filesystem ------------------------------------------------------------------------
@@ -564,7 +580,7 @@ def test_luks_timing_failure_is_run_again(
         """,
     )
     destination = tmp_path / "out.qcow2"
-    backend.convert(source, destination, "qcow2")
+    backend.convert(source, destination, "qcow2", sandbox=False)
     assert runs.read_text().count("run") == 3
     run_qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", str(source), str(destination))
     assert "running it again" in caplog.text
@@ -576,6 +592,6 @@ def test_other_failures_are_not_run_again(tmp_path: Path, monkeypatch: pytest.Mo
     runs = tmp_path / "runs"
     fake_qemu_img(tmp_path, monkeypatch, f"echo run >> {runs}\necho 'qemu-img: boom' >&2\nexit 1\n")
     with pytest.raises(ConversionFailed, match="boom"):
-        backend.convert(source, tmp_path / "out.qcow2", "qcow2")
+        backend.convert(source, tmp_path / "out.qcow2", "qcow2", sandbox=False)
     assert runs.read_text().count("run") == 1
     assert files_in(tmp_path) == {"d.raw", "runs"}

@@ -1,7 +1,8 @@
 """The qemu-img backend: convert, resize and query images that passed `check()`.
 
-Nothing here lets qemu-img probe a format or follow a file name the image chose; see
-docs/backend.md for the command lines.
+Nothing here lets qemu-img probe a format or follow a file name the image chose, and qemu-img
+runs in a sandbox (namespaces: no network, no host files but its own, the source and the
+target) unless the caller opts out; see docs/backend.md for the command lines.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from imgguard.backend.errors import (
     QemuImgFailed,
     QemuImgNotFound,
     QemuImgTimeout,
+    SandboxUnavailable,
 )
 from imgguard.backend.limits import DEFAULT_LIMITS, INFO_LIMITS, NO_LIMITS, Limits
 from imgguard.backend.qemu import (
@@ -32,6 +34,7 @@ from imgguard.backend.qemu import (
     qemu_info,
     resize,
 )
+from imgguard.backend.sandbox import SOURCE_PATH, TARGET_PATH, SandboxMode
 
 __all__ = [
     "CACHE_MODES",
@@ -40,7 +43,9 @@ __all__ = [
     "MINIMUM_QEMU_IMG_VERSION",
     "NO_LIMITS",
     "OUTPUT_FORMATS",
+    "SOURCE_PATH",
     "SUBFORMATS",
+    "TARGET_PATH",
     "BackendError",
     "CipherSpec",
     "ConversionFailed",
@@ -53,6 +58,8 @@ __all__ = [
     "QemuImgFailed",
     "QemuImgNotFound",
     "QemuImgTimeout",
+    "SandboxMode",
+    "SandboxUnavailable",
     "check_qemu_img_version",
     "convert",
     "find_qemu_img",

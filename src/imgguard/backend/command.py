@@ -20,6 +20,7 @@ from imgguard.backend.errors import (
     ImageRejected,
     QemuImgFailed,
     QemuImgNotFound,
+    SandboxUnavailable,
 )
 from imgguard.backend.limits import DEFAULT_LIMITS, Limits
 from imgguard.backend.qemu import CACHE_MODES, OUTPUT_FORMATS, CipherSpec, convert
@@ -102,6 +103,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentPa
         type=float,
         help="wall-clock limit for qemu-img (default: 600 s plus 120 s per GiB)",
     )
+    parser.add_argument(
+        "--no-sandbox",
+        dest="sandbox",
+        action="store_false",
+        help="run qemu-img without its sandbox (namespaces via bubblewrap or unshare), with the "
+        "host's full view: only where namespaces cannot be created",
+    )
     parser.set_defaults(func=run_convert)
     return parser
 
@@ -133,6 +141,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 cipher_spec=CipherSpec(iter_time_ms=args.iter_time) if args.iter_time else None,
                 progress=bar.update if bar else None,
                 limits=limits,
+                sandbox=getattr(args, "sandbox", True),
             )
         finally:
             if bar is not None:
@@ -145,7 +154,7 @@ def run_convert(args: argparse.Namespace) -> int:
         for reason in rejected.reasons:
             print(f"  {reason}", file=err)
         return EXIT_FAILED
-    except QemuImgNotFound as error:
+    except (QemuImgNotFound, SandboxUnavailable) as error:
         print(f"imgguard: {error}", file=err)
         return EXIT_FAILED
     except (ConversionFailed, QemuImgFailed) as failure:

@@ -30,6 +30,16 @@ class QemuImgNotFound(BackendError):
         super().__init__(message or f"qemu-img was not found on PATH; {self.PACKAGE_HINT}")
 
 
+class SandboxUnavailable(BackendError):
+    """qemu-img cannot be run in a sandbox here: neither bubblewrap nor util-linux `unshare` can
+    create the namespaces (or is installed), and the caller did not opt out with
+    `sandbox=False` (`--no-sandbox`). `reasons` says, per tool, why it could not be used."""
+
+    def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
+        self.reasons = tuple(reasons)
+        super().__init__(message)
+
+
 class ImageRejected(BackendError):
     """The source image did not pass `check()` (or names a file qemu-img would open).
 
@@ -139,4 +149,5 @@ __all__ = [
     "QemuImgFailed",
     "QemuImgNotFound",
     "QemuImgTimeout",
+    "SandboxUnavailable",
 ]

@@ -77,12 +77,17 @@ class Limits:
             timeout += self.timeout_per_gib * gib
         return Limits(cpu_seconds=cpu, address_space=self.address_space, timeout=timeout)
 
+    def rlimit_values(self) -> tuple[int, int]:
+        """(RLIMIT_CPU seconds, RLIMIT_AS bytes) to set; -1 leaves one as it is."""
+        cpu = -1 if self.cpu_seconds is None else max(1, math.ceil(self.cpu_seconds))
+        memory = -1 if self.address_space is None else self.address_space
+        return cpu, memory
+
     def wrap(self, command: list[str]) -> list[str]:
         """`command` (an absolute program path first) run under the CPU and memory limits."""
         if self.cpu_seconds is None and self.address_space is None:
             return list(command)
-        cpu = -1 if self.cpu_seconds is None else max(1, math.ceil(self.cpu_seconds))
-        memory = -1 if self.address_space is None else self.address_space
+        cpu, memory = self.rlimit_values()
         return [sys.executable, "-I", "-S", "-c", RLIMIT_EXEC, str(cpu), str(memory), *command]
 
 

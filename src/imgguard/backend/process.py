@@ -22,6 +22,7 @@ from attrs import frozen
 
 from imgguard.backend.errors import QemuImgFailed, QemuImgTimeout
 from imgguard.backend.limits import Limits
+from imgguard.backend.sandbox import NONE, Sandbox, decode_status
 from imgguard.errors import ConfigError
 
 ProgressCallback = Callable[[float], None]
@@ -54,6 +55,7 @@ class Completed:
     seconds: float
     cpu_seconds: float
     max_rss_kib: int
+    sandbox: str = NONE
 
 
 def child_environment() -> dict[str, str]:
@@ -79,13 +81,22 @@ def run(
     command_prefix: Sequence[str] = (),
     error: type[QemuImgFailed] = QemuImgFailed,
     timeout_error: type[QemuImgTimeout] = QemuImgTimeout,
+    sandbox: Sandbox | None = None,
 ) -> Completed:
     """Run `command` (qemu-img's absolute path first) and return what it printed.
 
-    Raises `error` when it exits non-zero or is killed, `timeout_error` when it runs past
+    With an active `sandbox` the command runs in it (its paths must be the ones `sandbox.bind`
+    returned); without one, or with `Sandbox("none")`, it runs with the host's view. Raises
+    `error` when it exits non-zero or is killed, `timeout_error` when it runs past
     `limits.timeout`; the process group is dead and reaped when this returns or raises.
     """
-    argv = [*command_prefix, *limits.wrap(list(command))]
+    box = sandbox if sandbox is not None and sandbox.active else None
+    if box is None:
+        argv = [*command_prefix, *limits.wrap(list(command))]
+        environment = child_environment()
+    else:
+        argv = [*command_prefix, *box.wrap(command, limits)]
+        environment = box.environment()
     shown = tuple(command)
     started = time.monotonic()
     deadline = None if limits.timeout is None else started + limits.timeout
@@ -97,7 +108,7 @@ def run(
             stderr=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
-            env=child_environment(),
+            env=environment,
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"cannot run {argv[0]!r}: {exc.strerror}", key="command") from exc
@@ -113,9 +124,13 @@ def run(
             timed_out = True
             _kill_group(process)
             status, cpu_seconds, max_rss = _reap(process, None)
+        if timed_out and box is not None:
+            _wait_for_group(process.pid)
     except BaseException:
         _kill_group(process)
         _reap(process, None)
+        if box is not None:
+            _wait_for_group(process.pid)
         raise
     finally:
         for pipe in (process.stdout, process.stderr):
@@ -132,6 +147,8 @@ def run(
             stderr=text,
         )
     assert status is not None
+    if box is not None:
+        status = decode_status(status)
     if status != 0:
         limit = _limit_hit(status, text, cpu_seconds, limits)
         raise error(
@@ -141,7 +158,15 @@ def run(
             stderr=text,
             limit=limit,
         )
-    return Completed(shown, bytes(stdout), text, seconds, cpu_seconds, max_rss)
+    return Completed(
+        shown,
+        bytes(stdout),
+        text,
+        seconds,
+        cpu_seconds,
+        max_rss,
+        box.mechanism if box is not None else NONE,
+    )
 
 
 def _pump(
@@ -222,6 +247,37 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def _wait_for_group(group: int, timeout: float = 5.0) -> None:
+    """Wait until no process of `group` runs any more (zombies do not count).
+
+    In a sandbox qemu-img is a grandchild: reaping the sandbox's first process does not wait
+    for it, though the SIGKILL sent to the group reached it too.
+    """
+    deadline = time.monotonic() + timeout
+    while _group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def _group_members(group: int) -> list[int]:
+    """The live (not zombie) processes in process group `group`, from /proc."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            found.append(int(entry))
+    return found
 
 
 def _limit_hit(status: int, stderr: str, cpu_seconds: float, limits: Limits) -> str | None:

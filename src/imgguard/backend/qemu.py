@@ -8,20 +8,26 @@ Every command line is built here and nowhere else, from values imgguard checked:
   an option (`-o...`); paths inside option strings have their commas doubled;
 * secrets reach qemu-img only as `--object secret,...,file=PATH`: never on the command line;
 * an image that names a file qemu-img would open (backing file, external data file, extent,
-  parent) is refused even where the policy waived that finding: the backend follows nothing.
+  parent) is refused even where the policy waived that finding: the backend follows nothing;
+* a source of a format that can have a backing file (qcow2, qcow, qed, vmdk) is opened as a
+  `json:` filename imgguard writes, with the driver pinned and `"backing": null`;
+* qemu-img runs in a sandbox (sandbox.py) that sees only its own files, the source, the target
+  and the passphrase files, with no network, unless the caller passes `sandbox=False`.
 
 docs/backend.md gives the exact command lines and why each flag is there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -40,6 +46,14 @@ from imgguard.backend.errors import (
 )
 from imgguard.backend.limits import DEFAULT_LIMITS, INFO_LIMITS, Limits
 from imgguard.backend.process import Completed, ProgressCallback, run
+from imgguard.backend.sandbox import (
+    SECRETS_DIR,
+    SOURCE_PATH,
+    TARGET_PATH,
+    Sandbox,
+    SandboxMode,
+    prepare,
+)
 from imgguard.errors import ConfigError, ImageError
 from imgguard.inspection import inspect
 from imgguard.model import Finding, ImageInfo, Policy, Status, Verdict
@@ -81,6 +95,11 @@ _LUKS_TIMING_ERROR = "Unable to get accurate CPU usage"
 _LUKS_TIMING_RUNS = 8
 _OPTION_VALUE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _VERSION = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
+# Formats whose driver can open a backing file: the source is opened with "backing": null.
+BACKING_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk"})
+SOURCE_SECRET_PATH = f"{SECRETS_DIR}/source-key"
+TARGET_SECRET_PATH = f"{SECRETS_DIR}/target-key"
+
 # The reference kinds qemu opens itself (VHD/VHDX parent locators and VDI parent UUIDs it never
 # follows); the backend refuses these whatever the policy says.
 _FOLLOWED_REFERENCES = frozenset({"backing-file", "data-file", "extent", "parent-hint"})
@@ -97,13 +116,17 @@ def find_qemu_img() -> str:
     return os.path.abspath(found)
 
 
-def qemu_img_version(*, command_prefix: Sequence[str] = ()) -> tuple[int, int, int]:
-    """qemu-img's version, e.g. (7, 2, 0), from `qemu-img --version`."""
+def qemu_img_version(
+    *, command_prefix: Sequence[str] = (), sandbox: SandboxMode = True
+) -> tuple[int, int, int]:
+    """qemu-img's version, e.g. (7, 2, 0), from `qemu-img --version` (in the sandbox)."""
+    qemu_img = find_qemu_img()
     completed = run(
-        [find_qemu_img(), "--version"],
+        [qemu_img, "--version"],
         limits=INFO_LIMITS,
         operation="--version",
         command_prefix=command_prefix,
+        sandbox=prepare(sandbox, qemu_img),
     )
     text = completed.stdout.decode("utf-8", "replace")
     match = _VERSION.search(text)
@@ -114,10 +137,10 @@ def qemu_img_version(*, command_prefix: Sequence[str] = ()) -> tuple[int, int, i
 
 
 def check_qemu_img_version(
-    minimum: tuple[int, int, int] = MINIMUM_QEMU_IMG_VERSION,
+    minimum: tuple[int, int, int] = MINIMUM_QEMU_IMG_VERSION, *, sandbox: SandboxMode = True
 ) -> tuple[int, int, int]:
     """The installed version, or `QemuImgNotFound` when it is older than `minimum`."""
-    version = qemu_img_version()
+    version = qemu_img_version(sandbox=sandbox)
     if version < minimum:
         have, need = ".".join(map(str, version)), ".".join(map(str, minimum))
         raise QemuImgNotFound(
@@ -136,7 +159,12 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 @frozen
 class QemuImageInfo:
-    """`qemu-img info --output=json`, typed. `data` is the whole JSON document."""
+    """`qemu-img info --output=json`, typed. `data` is the whole JSON document.
+
+    `filename` is the host path imgguard was given (`data["filename"]` is the name qemu-img
+    saw: the sandbox path or imgguard's `json:` filename); `sandbox` says what confined
+    qemu-img: "bwrap", "unshare" or "none".
+    """
 
     filename: str
     format: str
@@ -151,6 +179,7 @@ class QemuImageInfo:
     format_specific: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping, hash=False)
     snapshots: tuple[Mapping[str, Any], ...] = ()
     data: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping, hash=False)
+    sandbox: str = "none"
 
     @property
     def subformat(self) -> str | None:
@@ -199,13 +228,15 @@ def qemu_info(
     policy: Policy | None = DEFAULT_POLICY,
     limits: Limits = INFO_LIMITS,
     command_prefix: Sequence[str] = (),
+    sandbox: SandboxMode = True,
 ) -> QemuImageInfo:
     """`qemu-img info --output=json -f FORMAT [-U] PATH`, under Cinder's info limits.
 
     `format` defaults to the detected format and may only be that or `raw` (which opens nothing
     but the file). With a `policy` the image must pass `check()` first; with `policy=None` only
     the backend's own rules apply (no file references, a known format). `force_share` adds
-    `--force-share` (-U), to read an image another process holds open.
+    `--force-share` (-U), to read an image another process holds open. `sandbox`: True (bwrap,
+    else unshare, else `SandboxUnavailable`), "bwrap", "unshare", or False for none.
     """
     source = _absolute(path)
     info = _inspect(source)
@@ -213,11 +244,16 @@ def qemu_info(
     read_as = _read_format(info, format)
     if read_as != "raw":
         _refuse_followed_references(verdict)
-    command = [find_qemu_img(), "info", "--output=json", "-f", read_as]
+    qemu_img = find_qemu_img()
+    box = prepare(sandbox, qemu_img)
+    flags, name = source_spec(read_as, box.bind(source, SOURCE_PATH))
+    command = [qemu_img, "info", "--output=json", *flags]
     if force_share:
         command.append("--force-share")
-    command.append(source)
-    completed = run(command, limits=limits, operation="info", command_prefix=command_prefix)
+    command.append(name)
+    completed = run(
+        command, limits=limits, operation="info", command_prefix=command_prefix, sandbox=box
+    )
     try:
         document = json.loads(completed.stdout)
     except ValueError as error:
@@ -226,7 +262,9 @@ def qemu_info(
         ) from error
     if not isinstance(document, dict):
         raise QemuImgFailed("qemu-img info printed no JSON object", command=completed.command)
-    return QemuImageInfo.from_json(document)
+    return attrs.evolve(
+        QemuImageInfo.from_json(document), filename=source, sandbox=completed.sandbox
+    )
 
 
 # --- qemu-img resize -------------------------------------------------------------------------
@@ -241,11 +279,13 @@ def resize(
     shrink: bool = False,
     limits: Limits = INFO_LIMITS,
     command_prefix: Sequence[str] = (),
+    sandbox: SandboxMode = True,
 ) -> ImageInfo:
     """`qemu-img resize -f FORMAT PATH SIZEG` (Cinder's resize_image); returns the new inspection.
 
     `format` defaults to the detected format and must be it. The image is judged by `policy`
     first (None: only the backend's own rules). Shrinking needs `shrink=True` (`--shrink`).
+    In the sandbox (`sandbox`, as for `qemu_info`) the image is the one writable file.
     """
     if isinstance(size_gib, bool) or not isinstance(size_gib, int) or size_gib <= 0:
         raise ConfigError(f"must be a whole number of GiB > 0, not {size_gib!r}", key="size_gib")
@@ -257,11 +297,17 @@ def resize(
         raise ConfigError(f"{source} is {info.format}, not {format}", key="format")
     if info.encrypted:
         raise ConfigError("resizing an encrypted image is not supported", key=source)
-    command = [find_qemu_img(), "resize", "-q", "-f", _driver_of(info)]
+    qemu_img = find_qemu_img()
+    box = prepare(sandbox, qemu_img)
+    flags, name = source_spec(_driver_of(info), box.bind(source, SOURCE_PATH, writable=True))
+    command = [qemu_img, "resize", "-q", *flags]
     if shrink:
         command.append("--shrink")
-    command += [source, f"{size_gib}G"]
-    run(command, limits=limits, operation="resize", command_prefix=command_prefix)
+    command += [name, f"{size_gib}G"]
+    completed = run(
+        command, limits=limits, operation="resize", command_prefix=command_prefix, sandbox=box
+    )
+    log.info("resized %s to %d GiB (sandbox: %s)", source, size_gib, completed.sandbox)
     return _inspect(source)
 
 
@@ -315,7 +361,9 @@ class ConversionResult:
     """A finished conversion: the source's verdict, the output's inspection, and how it went.
 
     `source_bytes` is the source file's length and `mb_per_s` the MiB of it converted per second
-    of wall clock (as Cinder logs it); `command` is the qemu-img command line that ran.
+    of wall clock (as Cinder logs it); `command` is the qemu-img command line that ran (in a
+    sandbox, with the paths qemu-img saw there: `SOURCE_PATH`, `TARGET_PATH`, /secrets/...);
+    `sandbox` is what confined qemu-img: "bwrap", "unshare" or "none" (`sandbox=False`).
     """
 
     verdict: Verdict
@@ -326,6 +374,7 @@ class ConversionResult:
     output_bytes: int
     seconds: float
     cpu_seconds: float
+    sandbox: str = "none"
 
     @property
     def ok(self) -> bool:
@@ -372,6 +421,7 @@ def convert(
     progress: ProgressCallback | None = None,
     limits: Limits = DEFAULT_LIMITS,
     command_prefix: Sequence[str] = (),
+    sandbox: SandboxMode = True,
 ) -> ConversionResult:
     """Convert `src` to `out_format` at `dst`, only if `src` passes `check()` under `policy`.
 
@@ -381,6 +431,8 @@ def convert(
     On any failure, `KeyboardInterrupt` included, `dst` is as it was and no temporary file is
     left. `progress` is called with qemu-img's percentage (0.0 to 100.0) as it goes;
     `command_prefix` goes before the command (Cinder's cgroup throttling: `cgexec -g ...`).
+    `sandbox` is True (bubblewrap, else util-linux unshare, else `SandboxUnavailable` before
+    anything is written), "bwrap" or "unshare" (that one only), or False: no sandbox.
     """
     source = _absolute(src)
     destination = _absolute(dst)
@@ -401,14 +453,41 @@ def convert(
         reasons = () if verdict.info is not None else ("the image could not be inspected",)
         raise ImageRejected(verdict, reasons)
     info = verdict.info
+    if info.header.get("container") == "gzip":
+        # Glance's compressed container: qemu-img would copy the gzip bytes as a raw disk.
+        # Decompress next to the destination, then convert that file (checked again).
+        return _convert_decompressed(
+            source,
+            destination,
+            verdict,
+            lambda plain: convert(
+                plain,
+                dst,
+                out_format,
+                policy=policy,
+                claimed_format=claimed_format,
+                target_size=target_size,
+                out_subformat=out_subformat,
+                compress=compress,
+                cache_mode=cache_mode,
+                src_passphrase_file=src_passphrase_file,
+                passphrase_file=passphrase_file,
+                cipher_spec=cipher_spec,
+                progress=progress,
+                limits=limits,
+                command_prefix=command_prefix,
+                sandbox=sandbox,
+            ),
+        )
     _refuse_followed_references(verdict)
     _check_source_encryption(verdict, plan)
     qemu_img = find_qemu_img()
+    box = prepare(sandbox, qemu_img)
     run_limits = limits.for_size(info.virtual_size)
     started = time.monotonic()
     with AtomicOutput(destination) as output:
-        command = _convert_command(qemu_img, source, info, output.temp_path, plan)
-        completed = _run_convert(command, run_limits, progress, command_prefix, output)
+        command = _convert_command(qemu_img, box, source, info, output.temp_path, plan)
+        completed = _run_convert(command, run_limits, progress, command_prefix, output, box)
         try:
             output.sync()
         except OSError as error:
@@ -433,10 +512,11 @@ def convert(
         output_bytes=output_bytes,
         seconds=seconds,
         cpu_seconds=completed.cpu_seconds,
+        sandbox=completed.sandbox,
     )
     log.info(
         "converted %s (%s, %.2f MiB) to %s (%s, %.2f MiB) in %.2f s: %.2f MiB/s, "
-        "%.2f CPU s, max RSS %d KiB",
+        "%.2f CPU s, max RSS %d KiB, sandbox %s",
         source,
         info.format,
         result.source_bytes / MiB,
@@ -447,6 +527,7 @@ def convert(
         result.mb_per_s,
         completed.cpu_seconds,
         completed.max_rss_kib,
+        completed.sandbox,
     )
     return result
 
@@ -457,6 +538,7 @@ def _run_convert(
     progress: ProgressCallback | None,
     command_prefix: Sequence[str],
     output: AtomicOutput,
+    box: Sandbox,
 ) -> Completed:
     """Run qemu-img convert, once more for each of qemu's LUKS timing failures (up to 8 runs).
 
@@ -476,6 +558,7 @@ def _run_convert(
                 command_prefix=command_prefix,
                 error=ConversionFailed,
                 timeout_error=ConversionTimeout,
+                sandbox=box,
             )
         except ConversionTimeout:
             raise
@@ -545,44 +628,63 @@ def _plan(
 
 
 def _convert_command(
-    qemu_img: str, source: str, info: ImageInfo, target: str, plan: _Plan
+    qemu_img: str, box: Sandbox, source: str, info: ImageInfo, target: str, plan: _Plan
 ) -> list[str]:
     command = [qemu_img, "convert", "-p"]
     if plan.cache_mode is not None:
         command += ["-t", plan.cache_mode]
     driver = _driver_of(info)
     if plan.src_passphrase_file is not None:
-        command += [
-            "--object",
-            f"secret,id={SOURCE_SECRET_ID},format=raw,file={_escape(plan.src_passphrase_file)}",
-        ]
+        secret = box.bind(plan.src_passphrase_file, SOURCE_SECRET_PATH)
+        command += ["--object", f"secret,id={SOURCE_SECRET_ID},format=raw,file={_escape(secret)}"]
     if plan.passphrase_file is not None:
-        command += [
-            "--object",
-            f"secret,id={TARGET_SECRET_ID},format=raw,file={_escape(plan.passphrase_file)}",
-        ]
-    if info.encrypted:
-        # An encrypted source needs its key secret, which only the --image-opts form can give;
-        # `driver=` is the detected format, as -f is otherwise.
-        key = "key-secret" if driver == "luks" else "encrypt.key-secret"
-        options = [f"driver={driver}"]
-        if driver != "luks":
-            options.append("encrypt.format=luks")
-        options += [f"{key}={SOURCE_SECRET_ID}", "file.driver=file"]
-        options.append(f"file.filename={_escape(source)}")
-        command += ["--image-opts", ",".join(options)]
-    else:
-        command += ["-f", driver]
+        secret = box.bind(plan.passphrase_file, TARGET_SECRET_PATH)
+        command += ["--object", f"secret,id={TARGET_SECRET_ID},format=raw,file={_escape(secret)}"]
+    # An encrypted source needs its key secret, which only --image-opts or json: can give.
+    key = SOURCE_SECRET_ID if info.encrypted else None
+    flags, name = source_spec(driver, box.bind(source, SOURCE_PATH), key_secret=key)
+    command += flags
     command += ["-O", plan.out_format]
     if plan.compress:
         command.append("-c")
     options = _output_options(plan)
     if options:
         command += ["-o", ",".join(options)]
-    if not info.encrypted:
-        command.append(source)  # the --image-opts string names an encrypted source itself
-    command.append(target)
+    command += [name, box.bind(target, TARGET_PATH, writable=True)]
     return command
+
+
+def source_spec(driver: str, path: str, *, key_secret: str | None = None) -> tuple[list[str], str]:
+    """How qemu-img opens the source: (flags, the filename argument).
+
+    * a format that can have a backing file (`BACKING_FORMATS`): no flag and a `json:` filename
+      that pins the driver, sets `"backing": null` (qemu opens no backing file, whatever the
+      image names) and pins the protocol (`"file": {"driver": "file", ...}`); an encrypted qcow2
+      adds `"encrypt": {"format": "luks", "key-secret": ...}`;
+    * an encrypted LUKS volume: `--image-opts driver=luks,key-secret=...,file.driver=file,...`;
+    * anything else: `-f DRIVER PATH`.
+
+    qemu 7.2 has no such switch for an external data file: `"data-file": null` is accepted and
+    ignored, and any `data-file` value makes an image without one fail to open. That one is
+    covered by the backend's refusal and by the sandbox, in which the host file does not exist.
+    """
+    if driver in BACKING_FORMATS:
+        document: dict[str, Any] = {"driver": driver, "backing": None}
+        if key_secret is not None:
+            document["encrypt"] = {"format": "luks", "key-secret": key_secret}
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                "a path that is not UTF-8 cannot be named in json:", key=path
+            ) from None
+        document["file"] = {"driver": "file", "filename": path}
+        return [], "json:" + json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    if key_secret is not None:
+        options = [f"driver={driver}", f"key-secret={key_secret}", "file.driver=file"]
+        options.append(f"file.filename={_escape(path)}")
+        return ["--image-opts"], ",".join(options)
+    return ["-f", driver], path
 
 
 def _output_options(plan: _Plan) -> list[str]:
@@ -676,6 +778,45 @@ def _no_space(directory: str, failure: ConversionFailed | None) -> NoSpaceLeft:
 
 
 # --- shared checks ---------------------------------------------------------------------------
+
+
+def _convert_decompressed(
+    source: str,
+    destination: str,
+    verdict: Verdict,
+    convert_plain: Callable[[str], ConversionResult],
+) -> ConversionResult:
+    """Decompress the gzip `source` to a temporary file beside `destination`, convert that with
+    `convert_plain`, and remove it whatever happens; the result carries the container's
+    verdict."""
+    from imgguard.compressed import DecompressionFailed, decompress_file
+
+    directory = os.path.dirname(destination)
+    fd, plain = tempfile.mkstemp(prefix=".imgguard-gunzip-", suffix=".img", dir=directory)
+    os.close(fd)
+    os.unlink(plain)
+    try:
+        started = time.monotonic()
+        try:
+            size = decompress_file(source, plain)
+        except OSError as error:
+            if error.errno == 28:  # ENOSPC
+                raise _no_space(directory, None) from error
+            raise ConversionFailed(f"cannot decompress {source}: {error}") from error
+        except DecompressionFailed as error:
+            raise ConversionFailed(f"cannot decompress {source}: {error}") from error
+        log.info(
+            "decompressed %s to %s (%.2f MiB) in %.2f s",
+            source,
+            plain,
+            size / MiB,
+            time.monotonic() - started,
+        )
+        result = convert_plain(plain)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(plain)
+    return attrs.evolve(result, verdict=verdict)
 
 
 def _absolute(path: str | os.PathLike[str]) -> str:
@@ -809,4 +950,5 @@ __all__ = [
     "qemu_img_version",
     "qemu_info",
     "resize",
+    "source_spec",
 ]
