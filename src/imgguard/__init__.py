@@ -19,6 +19,7 @@ from imgguard.backend import (
     qemu_info,
     resize,
 )
+from imgguard.compressed import DecompressionFailed
 from imgguard.errors import (
     ConfigError,
     ImageError,
@@ -29,6 +30,7 @@ from imgguard.errors import (
     TruncatedImage,
     UnreadableImage,
 )
+from imgguard.fetch import FetchError, FetchNoSpace, FetchResult, fetch
 from imgguard.inspection import inspect, inspect_bytes
 from imgguard.model import (
     Encryption,
@@ -47,23 +49,42 @@ from imgguard.model import (
     Verdict,
 )
 from imgguard.policy import DEFAULT_POLICY, check, load_policy
+from imgguard.signature import (
+    CertificateInvalid,
+    SignatureError,
+    SignatureMetadataIncomplete,
+    SignatureMetadataInvalid,
+    SignatureMismatch,
+    SignatureRequired,
+    SignatureResult,
+    SignatureUnsupported,
+    SignatureVerifier,
+    verify_signature,
+)
+from imgguard.stream import InspectedStream, StreamInspector, StreamRejected, inspect_stream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_POLICY",
+    "CertificateInvalid",
     "ConfigError",
     "ConversionFailed",
     "ConversionResult",
     "ConversionTimeout",
+    "DecompressionFailed",
     "Encryption",
     "Extent",
     "Feature",
+    "FetchError",
+    "FetchNoSpace",
+    "FetchResult",
     "Finding",
     "ImageError",
     "ImageInfo",
     "ImageRejected",
     "ImgguardError",
+    "InspectedStream",
     "KeySlot",
     "LimitExceeded",
     "MalformedImage",
@@ -75,7 +96,17 @@ __all__ = [
     "Reference",
     "ReferenceKind",
     "Severity",
+    "SignatureError",
+    "SignatureMetadataIncomplete",
+    "SignatureMetadataInvalid",
+    "SignatureMismatch",
+    "SignatureRequired",
+    "SignatureResult",
+    "SignatureUnsupported",
+    "SignatureVerifier",
     "Status",
+    "StreamInspector",
+    "StreamRejected",
     "Table",
     "TruncatedImage",
     "UnreadableImage",
@@ -83,10 +114,13 @@ __all__ = [
     "__version__",
     "check",
     "convert",
+    "fetch",
     "inspect",
     "inspect_bytes",
+    "inspect_stream",
     "load_policy",
     "qemu_img_version",
     "qemu_info",
     "resize",
+    "verify_signature",
 ]

@@ -42,6 +42,10 @@ EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 
 DEFAULT_TIMEOUT = 60.0
+# Images queued to each worker at a time: a worker goes straight on to its next image instead
+# of waiting a round trip for the scan to hand it one (the per-image timeout still applies to
+# each image, from the moment the worker starts it).
+SCAN_PREFETCH = 16
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -173,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `convert` (imgguard.backend.command) sets `func` to its runner.
     convert_command.register(commands)
+    from imgguard.service_cli import register_verify
+
+    register_verify(commands)
     return parser
 
 
@@ -308,8 +315,14 @@ def _describe_exit(exitcode: int | None) -> str:
 class _Worker:
     process: BaseProcess
     connection: Connection
-    task: int | None = None
+    # Items sent and not answered yet, in the order the worker takes them; the first one is
+    # the one it is working on, and `deadline` is that one's.
+    tasks: collections.deque[int] = attrs.Factory(collections.deque)
     deadline: float = 0.0
+
+
+# What `Pool._receive` returns while a worker is alive and has not answered yet.
+_NO_REPLY_YET: tuple[bool, Any] = (False, "no reply yet")
 
 
 class Pool(Generic[T, R]):
@@ -318,6 +331,11 @@ class Pool(Generic[T, R]):
     Unlike concurrent.futures, one item that crashes its worker (a segfault, os._exit, the OOM
     killer) or runs past `timeout` costs only that item: the worker is replaced and `failure`
     turns the item into a result. Results come back in the items' order.
+
+    `prefetch` items are queued to each worker at a time, so that it goes on to the next one
+    without waiting for the scan to read its answer (a worker answers each item as it finishes
+    it, so the item it is stuck on is always known). The default of 1 hands an item out only
+    once the one before it is answered and its `on_result` has run.
     """
 
     def __init__(
@@ -328,11 +346,13 @@ class Pool(Generic[T, R]):
         jobs: int,
         timeout: float | None,
         on_result: Callable[[int, T, R], None] | None = None,
+        prefetch: int = 1,
     ) -> None:
         self.work = work
         self.failure = failure
         self.jobs = jobs
         self.timeout = timeout
+        self.prefetch = max(1, prefetch)
         self.on_result = on_result
         # fork() copies the locks other threads hold, so workers are forked from the scan
         # itself only while it has no other thread; with one (rich's progress bar refreshes from
@@ -385,22 +405,21 @@ class Pool(Generic[T, R]):
                 self.on_result(index, items[index], result)
 
         def assign(worker: _Worker) -> None:
-            worker.task = None
-            while pending:
+            while pending and len(worker.tasks) < self.prefetch:
                 index = pending.popleft()
                 try:
                     worker.connection.send((index, items[index]))
                 except (OSError, ValueError) as error:
                     finish(index, self.failure(items[index], f"worker unavailable: {error}"))
                     continue
-                worker.task = index
-                worker.deadline = time.monotonic() + (self.timeout or 0.0)
-                return
+                if not worker.tasks:
+                    worker.deadline = time.monotonic() + (self.timeout or 0.0)
+                worker.tasks.append(index)
 
         try:
             for _ in range(min(self.jobs, len(items))):
                 assign(self._start())
-            while busy := [worker for worker in self._workers if worker.task is not None]:
+            while busy := [worker for worker in self._workers if worker.tasks]:
                 wait_for = None
                 if self.timeout is not None:
                     wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
@@ -409,22 +428,41 @@ class Pool(Generic[T, R]):
                 ready = multiprocessing.connection.wait(handles, timeout=wait_for)
                 now = time.monotonic()
                 for worker in busy:
-                    index = worker.task
-                    assert index is not None
                     if worker.connection in ready or worker.process.sentinel in ready:
-                        reply = self._receive(worker, index)
-                        if reply is not None:
+                        # Every answer that is there, then top the worker's queue up again.
+                        died = False
+                        while worker.tasks:
+                            reply = self._receive(worker, worker.tasks[0])
+                            if reply is None:
+                                died = True
+                                break
+                            if reply is _NO_REPLY_YET:
+                                break
+                            index = worker.tasks.popleft()
                             ok, payload = reply
                             finish(index, payload if ok else self.failure(items[index], payload))
+                            worker.deadline = time.monotonic() + (self.timeout or 0.0)
+                        if not died and (not worker.tasks or worker.process.is_alive()):
                             assign(worker)
                             continue
+                        if not worker.tasks:
+                            self._retire(worker, kill=True)
+                            if pending:
+                                assign(self._start())
+                            continue
+                        index = worker.tasks.popleft()
                         self._retire(worker, kill=True)
                         why = f"the inspecting process {_describe_exit(worker.process.exitcode)}"
                     elif self.timeout is not None and now >= worker.deadline:
+                        index = worker.tasks.popleft()
                         self._retire(worker, kill=True)
                         why = f"inspection timed out after {self.timeout:g} s"
                     else:
                         continue
+                    # The items queued behind the failed one were not started: hand them out
+                    # again, first.
+                    pending.extendleft(reversed(worker.tasks))
+                    worker.tasks.clear()
                     finish(index, self.failure(items[index], why))
                     if pending:
                         assign(self._start())
@@ -440,14 +478,15 @@ class Pool(Generic[T, R]):
 
     @staticmethod
     def _receive(worker: _Worker, index: int) -> tuple[bool, Any] | None:
-        """(True, result) or (False, why it failed) from the worker, or None when it died."""
+        """(True, result) or (False, why it failed) from the worker, None when it died, or
+        `_NO_REPLY_YET` when it is alive and still working on `index`."""
         try:
             if not worker.connection.poll():
-                return None
+                return _NO_REPLY_YET if worker.process.is_alive() else None
             replied_index, ok, payload = worker.connection.recv()
         except (EOFError, OSError):
             return None
-        if replied_index != index:  # pragma: no cover - one task per worker at a time
+        if replied_index != index:  # pragma: no cover - the worker answers in order
             return (False, f"worker answered for item {replied_index}, not {index}")
         return (bool(ok), payload)
 
@@ -605,6 +644,7 @@ def judge_all(args: argparse.Namespace, paths: Sequence[str], *, jobs: int, walk
                 jobs=jobs,
                 timeout=timeout or DEFAULT_TIMEOUT,
                 on_result=on_result,
+                prefetch=SCAN_PREFETCH,
             )
             verdicts = pool.run(targets)
         except PartialResults as partial:
@@ -641,6 +681,10 @@ def judge_all(args: argparse.Namespace, paths: Sequence[str], *, jobs: int, walk
 
 
 def scan(args: argparse.Namespace) -> int:
+    if args.paths == ["-"]:
+        from imgguard.service_cli import scan_stdin
+
+        return scan_stdin(args)
     jobs = args.jobs or config.env_number(os.environ, "IMGGUARD_JOBS", int) or os.cpu_count() or 1
     return judge_all(args, args.paths, jobs=jobs, walk=True)
 
@@ -755,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_one(args)
         if args.command == "inspect":
             return inspect_one(args)
-        if args.command == "convert":
+        if args.command in ("convert", "verify"):
             status: int = args.func(args)
             return status
         return list_rules(args)

@@ -44,6 +44,13 @@ def check(
             return _verdict_without_info("IG701", error, request, path, Status.REJECT)
         except ImageError as error:
             return _verdict_without_info("IG702", error, request, path, Status.ERROR)
+        if info.format == "raw" and info.header.get("container") == "gzip":
+            # A gzip container: judge the image inside, streamed through the decompressor.
+            from imgguard.stream import check_container
+
+            return check_container(
+                image, policy, claimed_format, target_size, convert_to=convert_to
+            )
     kept, waived = rules.evaluate(info, request)
     rejected = any(finding.severity >= policy.fail_on for finding in kept)
     return Verdict(

@@ -50,24 +50,35 @@ RuleCheck = Callable[[ImageInfo, Request], Iterator[Hit]]
 
 @frozen
 class Rule:
+    """A registered rule. `needs` names ImageInfo fields the rule reads facts from: when every one
+    of them is empty (or false, or None) on an image, the rule cannot find anything there and
+    `evaluate` does not run it. An empty `needs` means the rule always runs."""
+
     id: str
     name: str
     severity: Severity
     cwe: int | None
     summary: str
     check: RuleCheck
+    needs: tuple[str, ...] = ()
 
 
 RULES: dict[str, Rule] = {}
 
 
 def rule(
-    rule_id: str, name: str, severity: Severity, cwe: int | None, summary: str
+    rule_id: str,
+    name: str,
+    severity: Severity,
+    cwe: int | None,
+    summary: str,
+    *,
+    needs: tuple[str, ...] = (),
 ) -> Callable[[RuleCheck], RuleCheck]:
     def register(check: RuleCheck) -> RuleCheck:
         if rule_id in RULES:
             raise RuntimeError(f"rule id {rule_id} registered twice")
-        RULES[rule_id] = Rule(rule_id, name, severity, cwe, summary, check)
+        RULES[rule_id] = Rule(rule_id, name, severity, cwe, summary, check, needs)
         return check
 
     return register
@@ -130,6 +141,7 @@ def _reference_hits(info: ImageInfo, rule_id: str) -> Iterator[Hit]:
     Severity.HIGH,
     73,
     "The image names a backing file that qemu-img would open and read.",
+    needs=("references",),
 )
 def backing_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _reference_hits(info, "IG101")
@@ -141,6 +153,7 @@ def backing_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     73,
     "The image keeps its data in an external file that qemu-img would open.",
+    needs=("references", "features"),
 )
 def external_data_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _reference_hits(info, "IG102")
@@ -158,6 +171,7 @@ def external_data_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     73,
     "A VMDK descriptor names extent files that qemu-img would open.",
+    needs=("references",),
 )
 def extent_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _reference_hits(info, "IG103")
@@ -169,6 +183,7 @@ def extent_file(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     73,
     "The image is a differencing image: it names a parent (file name hint, locator or UUID).",
+    needs=("references",),
 )
 def parent_reference(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _reference_hits(info, "IG104")
@@ -180,6 +195,7 @@ def parent_reference(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.CRITICAL,
     918,
     "A reference is a protocol or json: pseudo-filename (nbd:, http:, json:, ...).",
+    needs=("references",),
 )
 def protocol_reference(info: ImageInfo, request: Request) -> Iterator[Hit]:
     for reference in info.references:
@@ -194,7 +210,9 @@ def protocol_reference(info: ImageInfo, request: Request) -> Iterator[Hit]:
 
 # --- what the image is -----------------------------------------------------------------------
 
-_RAW_LAYOUTS = frozenset({"iso9660", "gpt", "mbr"})
+# A compressed container (formats/container.py) is a raw file to qemu as well; the image inside
+# is judged by `check()` (IG802).
+_RAW_LAYOUTS = frozenset({"iso9660", "gpt", "mbr", "compressed"})
 
 
 @rule(
@@ -290,6 +308,7 @@ def vmdk_create_type(info: ImageInfo, request: Request) -> Iterator[Hit]:
     20,
     "An incompatible feature bit imgguard does not know is set; qemu may read the image "
     "differently from this inspection.",
+    needs=("features",),
 )
 def unknown_feature(info: ImageInfo, request: Request) -> Iterator[Hit]:
     for feature in info.features:
@@ -306,12 +325,13 @@ def unknown_feature(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     20,
     "A version or field value that qemu refuses or that imgguard cannot vouch for.",
+    needs=("problems",),
 )
 def unsupported(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _problems(info, ProblemKind.UNSUPPORTED)
 
 
-@rule("IG303", "corrupt", Severity.HIGH, 20, "The image marks itself corrupt.")
+@rule("IG303", "corrupt", Severity.HIGH, 20, "The image marks itself corrupt.", needs=("features",))
 def corrupt(info: ImageInfo, request: Request) -> Iterator[Hit]:
     if "corrupt" in info.feature_names:
         yield Hit("the image's corrupt bit is set", field="incompatible_features")
@@ -323,6 +343,7 @@ def corrupt(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.LOW,
     None,
     "The image was not closed cleanly (dirty bit, VHDX log, parallels in-use).",
+    needs=("features",),
 )
 def dirty(info: ImageInfo, request: Request) -> Iterator[Hit]:
     if "dirty" in info.feature_names:
@@ -338,6 +359,7 @@ def dirty(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     None,
     "The image is encrypted; its contents cannot be inspected.",
+    needs=("encrypted",),
 )
 def encrypted(info: ImageInfo, request: Request) -> Iterator[Hit]:
     if info.encrypted:
@@ -352,6 +374,7 @@ def encrypted(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     327,
     "qcow/qcow2 legacy AES-CBC encryption, which qemu deprecated as broken.",
+    needs=("encryption",),
 )
 def legacy_aes(info: ImageInfo, request: Request) -> Iterator[Hit]:
     if info.encryption is not None and info.encryption.method == "aes":
@@ -364,10 +387,25 @@ def legacy_aes(info: ImageInfo, request: Request) -> Iterator[Hit]:
 @rule("IG501", "virtual-size", Severity.HIGH, 770, "The virtual size is over the policy's cap.")
 def virtual_size(info: ImageInfo, request: Request) -> Iterator[Hit]:
     cap = request.policy.max_virtual_size
-    if info.virtual_size is not None and info.virtual_size > cap:
-        yield Hit(
-            f"virtual size {info.virtual_size} is over the cap of {cap} bytes", field="virtual_size"
-        )
+    size = qemu_virtual_size(info, request)
+    if size is not None and size > cap:
+        yield Hit(f"virtual size {size} is over the cap of {cap} bytes", field="virtual_size")
+
+
+def qemu_virtual_size(info: ImageInfo, request: Request) -> int | None:
+    """The largest virtual size qemu-img could give the image for this request.
+
+    Where qemu's prober reads the bytes as raw but they are another format (a fixed VHD's footer,
+    a dmg trailer, LUKS2), `qemu-img` without `-f`, or with the `-f raw` a `raw` declaration
+    brings, takes the whole file as the disk: a 1 MiB fixed-VHD footer at the end of a sparse
+    3 TiB file is a 3 TiB raw disk to qemu (virtual size rounded up to whole sectors). Only a
+    declaration of the true format (`-f vpc`) makes the format's own size the one qemu uses.
+    """
+    sizes = [] if info.virtual_size is None else [info.virtual_size]
+    claimed = None if request.claimed_format is None else qemu_format_name(request.claimed_format)
+    if info.format != "raw" and info.qemu_format == "raw" and claimed != info.format:
+        sizes.append(-(-info.file_size // 512) * 512)
+    return max(sizes, default=None)
 
 
 @rule(
@@ -378,13 +416,14 @@ def virtual_size(info: ImageInfo, request: Request) -> Iterator[Hit]:
     "The virtual size does not fit the target volume (Cinder's check_virtual_size).",
 )
 def target_size(info: ImageInfo, request: Request) -> Iterator[Hit]:
-    if request.target_size_gib is None or info.virtual_size is None:
+    size = qemu_virtual_size(info, request)
+    if request.target_size_gib is None or size is None:
         return
     # Cinder rounds the image up to whole GiB before comparing with the volume size.
-    needed_gib = math.ceil(info.virtual_size / GiB)
+    needed_gib = math.ceil(size / GiB)
     if needed_gib > request.target_size_gib:
         yield Hit(
-            f"virtual size {info.virtual_size} needs {needed_gib} GiB; the target has "
+            f"virtual size {size} needs {needed_gib} GiB; the target has "
             f"{request.target_size_gib} GiB",
             field="virtual_size",
         )
@@ -418,6 +457,7 @@ def metadata_memory(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     125,
     "A metadata table or descriptor lies past the end of the file.",
+    needs=("tables",),
 )
 def table_past_eof(info: ImageInfo, request: Request) -> Iterator[Hit]:
     for table in info.tables:
@@ -453,11 +493,25 @@ def snapshot_count(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     400,
     "LUKS key slots whose KDF iterations or key material would burn CPU or memory.",
+    needs=("encryption",),
 )
 def key_slot_cost(info: ImageInfo, request: Request) -> Iterator[Hit]:
     if info.encryption is None:
         return
     policy = request.policy
+    digest = info.encryption.digest_iterations
+    if (
+        digest is not None
+        and digest > policy.max_kdf_iterations
+        and any(slot.active for slot in info.encryption.key_slots)
+    ):
+        # qemu (qcrypto_block_luks_load_key) runs the master key digest's PBKDF2 for every
+        # active slot it tries, right or wrong passphrase: cheap slots do not make it cheap.
+        yield Hit(
+            f"the master key digest asks for {digest} PBKDF2 iterations per key slot tried, "
+            f"over the cap of {policy.max_kdf_iterations}",
+            field="mk_digest_iterations",
+        )
     for slot in info.encryption.key_slots:
         if not slot.active:
             continue
@@ -488,7 +542,12 @@ def _problems(info: ImageInfo, kind: ProblemKind) -> Iterator[Hit]:
 
 
 @rule(
-    "IG601", "truncated", Severity.HIGH, 20, "The file ends before a region its header describes."
+    "IG601",
+    "truncated",
+    Severity.HIGH,
+    20,
+    "The file ends before a region its header describes.",
+    needs=("problems",),
 )
 def truncated(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _problems(info, ProblemKind.TRUNCATED)
@@ -500,6 +559,7 @@ def truncated(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     20,
     "A header field holds a value the format does not allow.",
+    needs=("problems",),
 )
 def malformed(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _problems(info, ProblemKind.MALFORMED)
@@ -511,6 +571,7 @@ def malformed(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     20,
     "Two copies or two parts of the metadata disagree (header vs footer, header vs metadata).",
+    needs=("problems",),
 )
 def inconsistent(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _problems(info, ProblemKind.INCONSISTENT)
@@ -522,6 +583,7 @@ def inconsistent(info: ImageInfo, request: Request) -> Iterator[Hit]:
     Severity.HIGH,
     770,
     "A size or count in the header is over what imgguard (or qemu) will read.",
+    needs=("problems",),
 )
 def over_limit(info: ImageInfo, request: Request) -> Iterator[Hit]:
     yield from _problems(info, ProblemKind.LIMIT)
@@ -574,12 +636,89 @@ def conversion_disabled(info: ImageInfo, request: Request) -> Iterator[Hit]:
         yield Hit(f"conversion from {info.format} to {target} is disabled by the policy")
 
 
+@rule(
+    "IG704",
+    "stream-region-unavailable",
+    Severity.HIGH,
+    None,
+    "Streaming inspection needs a region the stream inspector does not keep (past its head "
+    "buffer and before its tail window); the image was not judged.",
+)
+def stream_region_unavailable(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    # Reported by `imgguard.stream.StreamInspector` itself, as a verdict of `error`.
+    return iter(())
+
+
+@rule(
+    "IG802",
+    "compressed-container",
+    Severity.HIGH,
+    409,
+    "The image is inside a compressed container (gzip, zstd, xz, bzip2); the policy's "
+    "allow_compressed allows gzip, whose image check() judges too.",
+    needs=("header",),
+)
+def compressed_container(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    container = info.header.get("container")
+    if not container:
+        return
+    if container != "gzip":
+        yield Hit(
+            f"{container}-compressed container: imgguard looks inside gzip only, so the image "
+            "in it is not judged",
+            field="container",
+        )
+    elif info.header.get("inner_container"):
+        yield Hit(
+            f"a {info.header['inner_container']} container inside a gzip container",
+            field="container",
+        )
+    elif not info.header.get("container_inspected"):
+        yield Hit(
+            "gzip container whose image was not inspected (check() a path or a stream to "
+            "judge the image inside)",
+            field="container",
+        )
+    else:
+        severity = Severity.INFO if request.policy.allow_compressed else None
+        yield Hit(
+            f"{info.format} image inside a gzip container "
+            f"({info.header.get('compressed_size')} bytes compressed)",
+            field="container",
+            severity=severity,
+        )
+
+
+@rule(
+    "IG803",
+    "decompression-failed",
+    Severity.HIGH,
+    409,
+    "The compressed container could not be decompressed within the caps (a decompression bomb) "
+    "or is corrupt; the image inside was not judged.",
+    needs=("header",),
+)
+def decompression_failed(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    message = info.header.get("decompression_failed")
+    if message:
+        yield Hit(str(message), field="container")
+
+
 def evaluate(info: ImageInfo, request: Request) -> tuple[list[Finding], list[Finding]]:
     """All findings for `info`, split into (kept, waived)."""
     policy = request.policy
     kept: list[Finding] = []
     waived: list[Finding] = []
     for spec in RULES.values():
+        needs = spec.needs
+        if needs:
+            # Most images have no references, features, problems or encryption: skip the rules
+            # that read only those (one generator each saved).
+            for name in needs:
+                if getattr(info, name):
+                    break
+            else:
+                continue
         for hit in spec.check(info, request):
             default = hit.severity if hit.severity is not None else spec.severity
             severity = policy.severity_overrides.get(spec.id, default)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from imgguard.formats import (
     bochs,
     cloop,
+    container,
     dmg,
     gpt,
     iso9660,
@@ -46,7 +47,14 @@ DRIVERS: tuple[FormatDriver, ...] = (
     raw.DRIVER,
 )
 # Layouts inside a raw disk, most specific first: a hybrid ISO carries an MBR or GPT too.
-LAYOUT_DRIVERS: tuple[FormatDriver, ...] = (iso9660.DRIVER, gpt.DRIVER, mbr.DRIVER)
+# A compressed container (imgguard.formats.container) is recognised first, and is not a raw
+# layout: its `raw_layout` is false, so it is never absorbed into another format's reading.
+LAYOUT_DRIVERS: tuple[FormatDriver, ...] = (
+    container.DRIVER,
+    iso9660.DRIVER,
+    gpt.DRIVER,
+    mbr.DRIVER,
+)
 
 QEMU_FORMATS = tuple(driver.name for driver in DRIVERS)
 RAW_LAYOUTS = tuple(driver.name for driver in LAYOUT_DRIVERS)
