@@ -134,6 +134,19 @@ def test_qcow2_with_partition_table_is_ig201(make_image: MakeImage) -> None:
     assert "mbr" in verdict.info.matches
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "vdi", "vmdk", "vhdx"])
+def test_bare_boot_signature_in_a_header_is_ig201(make_image: MakeImage, fmt: str) -> None:
+    # No partition entry at all: only the 0x55AA firmware looks for at the end of sector 0.
+    image = make_image(fmt, "64M")
+    assert_passes(check(image))
+    with image.open("r+b") as file:
+        file.seek(510)
+        file.write(b"\x55\xaa")
+    verdict = check(image)
+    assert verdict.info is not None and verdict.info.matches == (fmt, "mbr")
+    assert "IG201" in rule_ids(verdict)
+
+
 def test_qcow2_vdi_polyglot_is_ig201(make_image: MakeImage) -> None:
     image = make_image("qcow2", "64M")
     # VDI's signature lives at offset 64, inside qcow2's snapshots_offset field.

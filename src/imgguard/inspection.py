@@ -62,7 +62,9 @@ def _inspect(reader: ImageReader, actual_size: int | None = None) -> ImageInfo:
     set_field(info, "path", reader.name)
     set_field(info, "file_size", reader.size)
     set_field(info, "qemu_format", qemu_choice.name)
-    set_field(info, "matches", _matches(chosen, qemu_choice, recognised))
+    set_field(
+        info, "matches", _matches(chosen, qemu_choice, recognised, _has_boot_signature(reader))
+    )
     if actual_size is not None:
         set_field(info, "actual_size", actual_size)
     return info
@@ -112,8 +114,15 @@ def _inspect_with(driver: FormatDriver, reader: ImageReader) -> ImageInfo:
         return ImageInfo(format=driver.name, problems=(problem,))
 
 
+def _has_boot_signature(reader: ImageReader) -> bool:
+    return reader.head[510:512] == b"\x55\xaa"
+
+
 def _matches(
-    chosen: FormatDriver, qemu_choice: FormatDriver, recognised: list[FormatDriver]
+    chosen: FormatDriver,
+    qemu_choice: FormatDriver,
+    recognised: list[FormatDriver],
+    boot_signature: bool = False,
 ) -> tuple[str, ...]:
     """Every format the bytes could be read as, the chosen one first.
 
@@ -130,4 +139,15 @@ def _matches(
         names.append(driver.name)
     if qemu_choice.name not in names and not chosen.raw_layout:
         names.append(qemu_choice.name)
+    # A boot sector signature at 510 in a container header that does not otherwise read as an
+    # MBR (no partition entries) still makes the first sector a boot sector to firmware, and
+    # oslo.utils' inspector counts it as a second format. No qemu-img-made header has it; LUKS
+    # is left out because a key slot's random salt covers offset 510.
+    if (
+        boot_signature
+        and not absorb_layouts
+        and chosen.name not in ("raw", "luks", "mbr")
+        and "mbr" not in names
+    ):
+        names.append("mbr")
     return tuple(names)

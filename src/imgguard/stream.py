@@ -315,7 +315,9 @@ def _early_info(reader: ImageReader, length: _UnknownLength) -> ImageInfo:
     if pending and qemu_choice.name == "raw":
         raise _NeedMore(_earliest(pending))
     chosen = inspection._true_format(qemu_choice, recognised)
-    matches = inspection._matches(chosen, qemu_choice, recognised)
+    matches = inspection._matches(
+        chosen, qemu_choice, recognised, inspection._has_boot_signature(reader)
+    )
     try:
         info = inspection._inspect_with(chosen, reader)
     except _NeedMore as need:
