@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import BinaryIO
 
 from imgguard import formats
@@ -70,20 +71,43 @@ def _inspect(reader: ImageReader, actual_size: int | None = None) -> ImageInfo:
     return info
 
 
+_Probe = tuple[FormatDriver, Callable[[ImageReader], int], Callable[[ImageReader], bool] | None]
+_Plan = tuple[tuple[_Probe, ...], tuple[tuple[FormatDriver, Callable[[ImageReader], bool]], ...]]
+# The drivers' bound functions, gathered once per (drivers(), layout_drivers()) pair.
+_plan_of: list[tuple[object, object, _Plan]] = []
+
+
+def _probe_plan() -> _Plan:
+    drivers, layouts = formats.drivers(), formats.layout_drivers()
+    if _plan_of and _plan_of[0][0] is drivers and _plan_of[0][1] is layouts:
+        return _plan_of[0][2]
+    plan: _Plan = (
+        tuple(
+            (driver, driver.probe, None if driver.recognise is _never else driver.recognise)
+            for driver in drivers
+            if driver.name != "raw"
+        ),
+        tuple((driver, driver.recognise) for driver in layouts),
+    )
+    _plan_of[:] = [(drivers, layouts, plan)]
+    return plan
+
+
 def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
     """qemu's choice (highest score, first in its driver list on a tie) and every match."""
     best: FormatDriver | None = None
     best_score = 0
     recognised: list[FormatDriver] = []
-    for driver in formats.drivers():
-        if driver.name == "raw":
-            continue
-        score = driver.probe(reader)
+    probes, layouts = _probe_plan()
+    for driver, probe, recognise in probes:
+        score = probe(reader)
         if score > best_score:
             best, best_score = driver, score
-        if score > 0 or (driver.recognise is not _never and driver.recognise(reader)):
+        if score > 0 or (recognise is not None and recognise(reader)):
             recognised.append(driver)
-    recognised.extend(driver for driver in formats.layout_drivers() if driver.recognise(reader))
+    for driver, recognise_layout in layouts:
+        if recognise_layout(reader):
+            recognised.append(driver)
     return best or formats.by_name("raw"), recognised
 
 

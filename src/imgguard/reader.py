@@ -14,7 +14,7 @@ import os
 import stat
 import struct as _struct
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Generic, TypeVar, overload
 
 import construct
 
@@ -35,6 +35,39 @@ HEAD_SIZE = 4096
 TAIL_SIZE = 1536
 # No single region a format asks for may be larger than this, whatever a header says.
 MAX_REGION = 1 << 20
+
+
+_T = TypeVar("_T")
+
+
+class _ReadOnce(Generic[_T]):
+    """`functools.cached_property` without its lock.
+
+    Python 3.11's cached_property takes an RLock on the first access of every instance (~1.5 us
+    each for `head` and `tail`, on every image); an ImageReader belongs to one thread, so the
+    value is computed and stored in the instance dict, where later lookups find it first.
+    """
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self._compute = compute
+        self._name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _ReadOnce[_T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> _T | _ReadOnce[_T]:
+        if instance is None:
+            return self
+        value = self._compute(instance)
+        instance.__dict__[self._name] = value
+        return value
 
 
 class ImageReader:
@@ -74,15 +107,15 @@ class ImageReader:
                 raise UnreadableImage(f"cannot seek in {name or 'stream'}: {error}") from error
         return cls(file, size=size, name=name or getattr(file, "name", None))
 
-    # cached_property, not property: every prober asks for the head, and after the first read
+    # Computed once, not a property: every prober asks for the head, and after the first read
     # it is a plain instance attribute.
-    @functools.cached_property
+    @_ReadOnce
     def head(self) -> bytes:
         """The first HEAD_SIZE bytes (fewer for a smaller file)."""
         self._head = self._pread(0, min(self.size, HEAD_SIZE))
         return self._head
 
-    @functools.cached_property
+    @_ReadOnce
     def tail(self) -> bytes:
         """The last TAIL_SIZE bytes (the whole file when it is smaller)."""
         start = max(0, self.size - TAIL_SIZE)
@@ -247,6 +280,14 @@ def parse_struct(struct: construct.Construct, data: bytes, *, offset: int, what:
                 if parsed is not None:
                     return parsed
                 # A Const or OneOf did not match: construct's own parse raises the error.
+    else:
+        # An interpreted definition of fixed size gets the same unpacker; input shorter than
+        # the size, or a Const or OneOf that does not match, goes to construct for its error.
+        fast = _unpacker(struct)
+        if fast is not None and len(data) >= (_fixed_size(struct) or 0):
+            parsed = fast(data)
+            if parsed is not None:
+                return parsed
     try:
         return struct.parse(data)
     except ImageError:
@@ -266,6 +307,12 @@ def parse_struct(struct: construct.Construct, data: bytes, *, offset: int, what:
 @functools.cache
 def _compiled_size(struct: construct.Compiled) -> int | None:
     """The fixed size of a compiled struct, or None when it depends on the bytes."""
+    return _fixed_size(struct)
+
+
+@functools.cache
+def _fixed_size(struct: construct.Construct) -> int | None:
+    """The fixed size of a definition, or None when it depends on the bytes."""
     try:
         size: int = struct.sizeof()
     except construct.SizeofError:
@@ -317,6 +364,11 @@ class _Derivation:
         self.count += 1
         return f"v[{self.count - 1}]"
 
+    def pad(self, size: int) -> None:
+        """Bytes skipped without a value (construct's Padding does not look at them)."""
+        self.codes.append(f"{size}x")
+        self.size += size
+
     def flush(self) -> None:
         if self.codes:
             run_size = self.size - sum(size for _, size in self.runs)
@@ -356,6 +408,15 @@ class _Derivation:
                 if sub.name is not None:
                     items.append(f"({sub.name!r}, {value})")
             return f"Container([{', '.join(items)}])"
+        if (
+            type(con) is construct.Padded
+            and con.subcon is construct.Pass
+            and isinstance(con.length, int)
+            and con.length >= 0
+        ):
+            # Padding(n): Padded(n, Pass) parses to None and skips n bytes unchecked.
+            self.pad(con.length)
+            return "None"
         if type(con) is construct.Array and isinstance(con.count, int) and not con.discard:
             elements = [self.expression(con.subcon) for _ in range(con.count)]
             return f"ListContainer([{', '.join(elements)}])"
@@ -371,16 +432,18 @@ def _is_one_of(con: construct.ExprValidator) -> bool:
 
 
 @functools.cache
-def _unpacker(struct: construct.Compiled) -> Callable[[bytes], Any] | None:
-    """A function that unpacks `struct` from bytes of at least its size, or returns None when a
-    Const or OneOf does not hold; None when the definition has anything else in it."""
+def _unpacker(struct: construct.Construct) -> Callable[[bytes], Any] | None:
+    """A function that unpacks `struct` (compiled or not) from bytes of at least its size, or
+    returns None when a Const or OneOf does not hold; None when the definition has anything
+    else in it."""
     derivation = _Derivation()
+    definition = struct.defersubcon if isinstance(struct, construct.Compiled) else struct
     try:
-        result = derivation.expression(struct.defersubcon)
+        result = derivation.expression(definition)
     except _Unsupported:
         return None
     derivation.flush()
-    if derivation.size != _compiled_size(struct):
+    if derivation.size != _fixed_size(struct):
         return None
     parts = []
     offset = 0

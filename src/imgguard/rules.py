@@ -416,8 +416,10 @@ def qemu_virtual_size(info: ImageInfo, request: Request) -> int | None:
     "The virtual size does not fit the target volume (Cinder's check_virtual_size).",
 )
 def target_size(info: ImageInfo, request: Request) -> Iterator[Hit]:
+    if request.target_size_gib is None:
+        return
     size = qemu_virtual_size(info, request)
-    if request.target_size_gib is None or size is None:
+    if size is None:
         return
     # Cinder rounds the image up to whole GiB before comparing with the volume size.
     needed_gib = math.ceil(size / GiB)

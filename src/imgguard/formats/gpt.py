@@ -188,55 +188,55 @@ def _read_header(
     def problem(kind: ProblemKind, message: str, name: str, at: int) -> None:
         problems.append(Problem(kind, f"{which}: {message}", f"{which}.{name}", offset + at))
 
-    if fields.revision != REVISION_1_0:
-        problem(ProblemKind.UNSUPPORTED, f"revision {fields.revision:#010x}", "revision", 8)
-    if not MIN_HEADER_SIZE <= fields.header_size <= sector_size:
+    if fields["revision"] != REVISION_1_0:
+        problem(ProblemKind.UNSUPPORTED, f"revision {fields['revision']:#010x}", "revision", 8)
+    if not MIN_HEADER_SIZE <= fields["header_size"] <= sector_size:
         problem(
             ProblemKind.MALFORMED,
-            f"header_size {fields.header_size} is outside {MIN_HEADER_SIZE}..{sector_size}",
+            f"header_size {fields['header_size']} is outside {MIN_HEADER_SIZE}..{sector_size}",
             "header_size",
             12,
         )
         valid = False
     else:
-        covered = bytearray(raw[: fields.header_size])
+        covered = bytearray(raw[: fields["header_size"]])
         covered[_CRC_OFFSET : _CRC_OFFSET + 4] = bytes(4)
         crc = zlib.crc32(covered)
-        if crc != fields.header_crc32:
+        if crc != fields["header_crc32"]:
             problem(
                 ProblemKind.MALFORMED,
-                f"header CRC32 is {fields.header_crc32:#010x}, the header sums to {crc:#010x}",
+                f"header CRC32 is {fields['header_crc32']:#010x}, the header sums to {crc:#010x}",
                 "header_crc32",
                 16,
             )
             valid = False
-    if fields.reserved != 0:
+    if fields["reserved"] != 0:
         problem(ProblemKind.MALFORMED, "reserved field is not zero", "reserved", 20)
-    if fields.my_lba != lba:
+    if fields["my_lba"] != lba:
         problem(
             ProblemKind.INCONSISTENT,
-            f"my_lba is {fields.my_lba} but the header is at LBA {lba}",
+            f"my_lba is {fields['my_lba']} but the header is at LBA {lba}",
             "my_lba",
             24,
         )
         valid = False
-    if fields.first_usable_lba > fields.last_usable_lba:
+    if fields["first_usable_lba"] > fields["last_usable_lba"]:
         problem(
             ProblemKind.MALFORMED,
-            f"first_usable_lba {fields.first_usable_lba} is after last_usable_lba "
-            f"{fields.last_usable_lba}",
+            f"first_usable_lba {fields['first_usable_lba']} is after last_usable_lba "
+            f"{fields['last_usable_lba']}",
             "first_usable_lba",
             40,
         )
-    elif fields.last_usable_lba > last_lba:
+    elif fields["last_usable_lba"] > last_lba:
         problem(
             ProblemKind.TRUNCATED,
-            f"last_usable_lba {fields.last_usable_lba} is past the end of the file "
+            f"last_usable_lba {fields['last_usable_lba']} is past the end of the file "
             f"(last LBA {last_lba})",
             "last_usable_lba",
             48,
         )
-    entry_size = fields.size_of_partition_entry
+    entry_size = fields["size_of_partition_entry"]
     if (
         entry_size < ENTRY_STRUCT_SIZE
         or entry_size % ENTRY_STRUCT_SIZE
@@ -318,12 +318,12 @@ def _parse_entries(array: bytes, size: int, offset: int, which: str) -> list[Gpt
         partitions.append(
             GptPartition(
                 i,
-                _guid(entry.partition_type_guid),
-                _guid(entry.unique_partition_guid),
-                entry.starting_lba,
-                entry.ending_lba,
-                entry.attributes,
-                _name(entry.partition_name),
+                _guid(entry["partition_type_guid"]),
+                _guid(entry["unique_partition_guid"]),
+                entry["starting_lba"],
+                entry["ending_lba"],
+                entry["attributes"],
+                _name(entry["partition_name"]),
             )
         )
     return partitions

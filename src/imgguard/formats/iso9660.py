@@ -284,7 +284,7 @@ def _el_torito(reader: ImageReader, facts: _Facts, record: Any, offset: int) -> 
     words = sum(
         int.from_bytes(catalog[i : i + 2], "little") for i in range(0, CATALOG_ENTRY_SIZE, 2)
     )
-    if validation.header_id != 1 or validation.key != b"\x55\xaa" or words & 0xFFFF:
+    if validation["header_id"] != 1 or validation["key"] != b"\x55\xaa" or words & 0xFFFF:
         facts.problem(
             ProblemKind.MALFORMED,
             "El Torito validation entry is not valid (header id, checksum or 0x55AA key)",
@@ -293,7 +293,7 @@ def _el_torito(reader: ImageReader, facts: _Facts, record: Any, offset: int) -> 
         )
         return
     entries: list[tuple[str, bool, str, int, int]] = []
-    platform = validation.platform_id
+    platform = validation["platform_id"]
 
     def add(entry_offset: int, platform_id: int) -> None:
         entry = parse_struct(
@@ -305,16 +305,18 @@ def _el_torito(reader: ImageReader, facts: _Facts, record: Any, offset: int) -> 
         entries.append(
             (
                 PLATFORMS.get(platform_id, f"{platform_id:#04x}"),
-                entry.boot_indicator == 0x88,
-                MEDIA_TYPES.get(entry.boot_media_type & 0x0F, str(entry.boot_media_type & 0x0F)),
-                entry.load_rba,
-                entry.sector_count,
+                entry["boot_indicator"] == 0x88,
+                MEDIA_TYPES.get(
+                    entry["boot_media_type"] & 0x0F, str(entry["boot_media_type"] & 0x0F)
+                ),
+                entry["load_rba"],
+                entry["sector_count"],
             )
         )
-        if entry.load_rba * SECTOR_SIZE >= reader.size:
+        if entry["load_rba"] * SECTOR_SIZE >= reader.size:
             facts.problem(
                 ProblemKind.TRUNCATED,
-                f"El Torito boot image at sector {entry.load_rba} is past the end of the file",
+                f"El Torito boot image at sector {entry['load_rba']} is past the end of the file",
                 f"{field}.entry.load_rba",
                 catalog_offset + entry_offset + 8,
             )
@@ -332,10 +334,10 @@ def _el_torito(reader: ImageReader, facts: _Facts, record: Any, offset: int) -> 
             what=f"{field}.section_header",
         )
         position += CATALOG_ENTRY_SIZE
-        remaining = section.number_of_section_entries
+        remaining = section["number_of_section_entries"]
         while remaining and position + CATALOG_ENTRY_SIZE <= SECTOR_SIZE:
             if catalog[position] in (0x88, 0x00):
-                add(position, section.platform_id)
+                add(position, section["platform_id"])
                 remaining -= 1
             elif catalog[position] != 0x44:  # 0x44: extension entry of the previous entry
                 break
@@ -535,15 +537,15 @@ def inspect(reader: ImageReader) -> ImageInfo:
             svd = parse_struct(
                 VolumeDescriptor, sector, offset=offset, what="supplementary_volume_descriptor"
             )
-            level = JOLIET_ESCAPES.get(svd.escape_sequences[:3])
+            level = JOLIET_ESCAPES.get(svd["escape_sequences"][:3])
             if level is not None and "joliet_level" not in header:
                 header["joliet_level"] = level
-                header["joliet_volume_identifier"] = _ucs2(svd.volume_identifier)
-            elif svd.volume_descriptor_version == 2:
+                header["joliet_volume_identifier"] = _ucs2(svd["volume_identifier"])
+            elif svd["volume_descriptor_version"] == 2:
                 header["enhanced_volume_descriptor"] = True  # ISO 9660:1999
         elif kind == TYPE_BOOT_RECORD:
             record = parse_struct(BootRecord, sector, offset=offset, what="boot_record")
-            system_id = record.boot_system_identifier.rstrip(b"\x00 ")
+            system_id = record["boot_system_identifier"].rstrip(b"\x00 ")
             header.setdefault("boot_system_identifier", _text(system_id))
             if system_id == EL_TORITO_ID and "el_torito" not in header:
                 header["el_torito"] = True

@@ -251,10 +251,10 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
             label = name.replace("_", " ")
             problem(ProblemKind.MALFORMED, f"{label} is not NUL terminated", name, rel)
         strings[name] = _c_string(raw)
-    uuid = _c_string(hdr.uuid)
+    uuid = _c_string(hdr["uuid"])
 
-    payload_sectors: int = hdr.payload_offset
-    key_bytes: int = hdr.key_bytes
+    payload_sectors: int = hdr["payload_offset"]
+    key_bytes: int = hdr["key_bytes"]
     header_sectors = KEY_SLOT_OFFSET // SECTOR_SIZE
     if payload_sectors < header_sectors:
         problem(
@@ -263,7 +263,7 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
             "payload_offset",
             104,
         )
-    if hdr.mk_digest_iterations == 0:
+    if hdr["mk_digest_iterations"] == 0:
         # qemu 7.2: "LUKS key iteration count is zero".
         problem(
             ProblemKind.MALFORMED,
@@ -275,13 +275,13 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
     slots: list[KeySlot] = []
     spans: list[tuple[int, int, int]] = []
     tables: list[Table] = []
-    for index, slot in enumerate(hdr.key_slots):
+    for index, slot in enumerate(hdr["key_slots"]):
         rel = 208 + 48 * index
         field = f"key_slots[{index}]"
-        active_raw = slot.active
+        active_raw = slot["active"]
         active = active_raw == "enabled"
-        stripes: int = slot.stripes
-        start: int = slot.key_material_offset
+        stripes: int = slot["stripes"]
+        start: int = slot["key_material_offset"]
         if stripes != LUKS_STRIPES:
             problem(
                 ProblemKind.MALFORMED,
@@ -296,7 +296,7 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
                 f"{field}.active",
                 rel,
             )
-        if active and slot.iterations == 0:
+        if active and slot["iterations"] == 0:
             problem(
                 ProblemKind.MALFORMED,
                 f"key slot {index} iteration count is zero",
@@ -355,7 +355,7 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
             KeySlot(
                 index=index,
                 active=active,
-                iterations=slot.iterations,
+                iterations=slot["iterations"],
                 key_material_offset=material_offset,
                 key_material_length=material_length,
                 stripes=stripes,
@@ -382,7 +382,7 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
         key_slots=tuple(slots),
         # qcrypto_block_luks_load_key() checks every candidate master key with PBKDF2 over
         # mk_digest_iterations: each active slot tried costs these on top of its own.
-        digest_iterations=hdr.mk_digest_iterations,
+        digest_iterations=hdr["mk_digest_iterations"],
     )
     header = {
         "version": 1,
@@ -391,7 +391,7 @@ def _parse_luks1(reader: ImageReader, offset: int) -> LuksHeader:
         "hash_spec": strings["hash_spec"],
         "payload_offset": payload_sectors,
         "key_bytes": key_bytes,
-        "mk_digest_iterations": hdr.mk_digest_iterations,
+        "mk_digest_iterations": hdr["mk_digest_iterations"],
         "uuid": uuid,
         "active_key_slots": sum(slot.active for slot in slots),
     }
@@ -462,23 +462,23 @@ def _parse_luks2(reader: ImageReader, offset: int) -> LuksHeader:
             Problem(kind, message, field=field, offset=None if rel is None else offset + rel)
         )
 
-    hdr_size: int = hdr.hdr_size
-    checksum_alg = _c_string(hdr.checksum_alg)
-    uuid = _c_string(hdr.uuid)
+    hdr_size: int = hdr["hdr_size"]
+    checksum_alg = _c_string(hdr["checksum_alg"])
+    uuid = _c_string(hdr["uuid"])
     header: dict[str, Any] = {
         "version": 2,
         "hdr_size": hdr_size,
-        "seqid": hdr.seqid,
-        "label": _c_string(hdr.label),
+        "seqid": hdr["seqid"],
+        "label": _c_string(hdr["label"]),
         "checksum_alg": checksum_alg,
         "uuid": uuid,
-        "subsystem": _c_string(hdr.subsystem),
-        "hdr_offset": hdr.hdr_offset,
+        "subsystem": _c_string(hdr["subsystem"]),
+        "hdr_offset": hdr["hdr_offset"],
     }
-    if hdr.hdr_offset != 0:
+    if hdr["hdr_offset"] != 0:
         problem(
             ProblemKind.INCONSISTENT,
-            f"primary header says it is at offset {hdr.hdr_offset}, not 0",
+            f"primary header says it is at offset {hdr['hdr_offset']}, not 0",
             "hdr_offset",
             256,
         )
@@ -606,11 +606,11 @@ def _check_luks2_secondary(
     mismatches = [
         name
         for name, value, expected in (
-            ("version", second.version, 2),
-            ("hdr_size", second.hdr_size, hdr_size),
-            ("hdr_offset", second.hdr_offset, hdr_size),
-            ("seqid", second.seqid, hdr.seqid),
-            ("uuid", second.uuid, hdr.uuid),
+            ("version", second["version"], 2),
+            ("hdr_size", second["hdr_size"], hdr_size),
+            ("hdr_offset", second["hdr_offset"], hdr_size),
+            ("seqid", second["seqid"], hdr.seqid),
+            ("uuid", second["uuid"], hdr.uuid),
         )
         if value != expected
     ]

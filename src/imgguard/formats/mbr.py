@@ -292,32 +292,32 @@ def inspect(reader: ImageReader) -> ImageInfo:
     problems: list[Problem] = []
     partitions: list[Partition] = []
     extended: list[Partition] = []
-    for i, record in enumerate(mbr.partition_record):
+    for i, record in enumerate(mbr["partition_record"]):
         field = f"partition_record[{i}]"
         offset = PARTITION_TABLE_OFFSET + ENTRY_SIZE * i
-        if record.boot_indicator not in (0x00, 0x80):
+        if record["boot_indicator"] not in (0x00, 0x80):
             problems.append(
                 Problem(
                     ProblemKind.MALFORMED,
-                    f"boot indicator {record.boot_indicator:#04x} is neither 0x00 nor 0x80",
+                    f"boot indicator {record['boot_indicator']:#04x} is neither 0x00 nor 0x80",
                     field=f"{field}.boot_indicator",
                     offset=offset,
                 )
             )
         # Linux (msdos.c) skips a record whose size is 0 whatever its type; a record with a
         # size and type 0x00 is still a partition to Linux (isohybrid --uefi writes one).
-        if record.size_in_lba == 0:
+        if record["size_in_lba"] == 0:
             continue
         partition = Partition(
             i + 1,
-            record.os_type,
-            record.starting_lba,
-            record.size_in_lba,
-            record.boot_indicator == 0x80,
+            record["os_type"],
+            record["starting_lba"],
+            record["size_in_lba"],
+            record["boot_indicator"] == 0x80,
         )
         partitions.append(partition)
         problems += _partition_problems(partition, file_sectors, field, offset)
-        if record.os_type in EXTENDED_TYPES:
+        if record["os_type"] in EXTENDED_TYPES:
             extended.append(partition)
 
     logical: list[Partition] = []
@@ -353,8 +353,8 @@ def inspect(reader: ImageReader) -> ImageInfo:
             )
         )
     header = {
-        "unique_mbr_disk_signature": mbr.unique_mbr_disk_signature,
-        "boot_code": any(mbr.boot_code),
+        "unique_mbr_disk_signature": mbr["unique_mbr_disk_signature"],
+        "boot_code": any(mbr["boot_code"]),
         "partitions": tuple(tuple(p) for p in everything),
         "extended": bool(extended),
         "protective": any(p.type == TYPE_GPT_PROTECTIVE for p in partitions),

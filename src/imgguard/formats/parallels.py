@@ -113,23 +113,23 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
         raw += bytes(HEADER_SIZE - len(raw))
     header = parse_struct(_PARALLELS_HEADER_PARSER, raw, offset=0, what="header")
-    if header.version != HEADER_VERSION:
+    if header["version"] != HEADER_VERSION:
         # parallels_open(): "Image not in Parallels format".
         raise MalformedImage(
-            f"version {header.version} is not {HEADER_VERSION}", field="version", offset=16
+            f"version {header['version']} is not {HEADER_VERSION}", field="version", offset=16
         )
-    is_ext = header.magic == HEADER_MAGIC2
-    tracks: int = header.tracks
-    bat_entries: int = header.bat_entries
+    is_ext = header["magic"] == HEADER_MAGIC2
+    tracks: int = header["tracks"]
+    bat_entries: int = header["bat_entries"]
 
     # parallels_open(): the old magic only uses the low 32 bits of nb_sectors.
-    total_sectors: int = header.nb_sectors if is_ext else header.nb_sectors & 0xFFFFFFFF
-    if not is_ext and header.nb_sectors >> 32:
+    total_sectors: int = header["nb_sectors"] if is_ext else header["nb_sectors"] & 0xFFFFFFFF
+    if not is_ext and header["nb_sectors"] >> 32:
         # The spec says the high half "must be cleared"; qemu 7.2 silently ignores it.
         problems.append(
             Problem(
                 ProblemKind.INCONSISTENT,
-                f"nb_sectors {header.nb_sectors:#x} has high bits set in a WithoutFreeSpace "
+                f"nb_sectors {header['nb_sectors']:#x} has high bits set in a WithoutFreeSpace "
                 "image; qemu ignores them",
                 field="nb_sectors",
                 offset=36,
@@ -192,7 +192,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 )
             )
 
-    data_off: int = header.data_off
+    data_off: int = header["data_off"]
     if data_off:
         data_start = data_off * SECTOR
         if data_start < HEADER_SIZE + bat_bytes:
@@ -216,7 +216,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 )
             )
 
-    if header.inuse == HEADER_INUSE_MAGIC:
+    if header["inuse"] == HEADER_INUSE_MAGIC:
         # parallels_open(): "Image was not closed correctly"; qemu opens it read-only but
         # refuses read/write until `qemu-img check -r` repairs it.
         problems.append(
@@ -227,18 +227,18 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 offset=44,
             )
         )
-    elif header.inuse != 0:
+    elif header["inuse"] != 0:
         problems.append(
             Problem(
                 ProblemKind.UNSUPPORTED,
-                f"inuse {header.inuse:#x} is neither 0 nor {HEADER_INUSE_MAGIC:#x}",
+                f"inuse {header['inuse']:#x} is neither 0 nor {HEADER_INUSE_MAGIC:#x}",
                 field="inuse",
                 offset=44,
             )
         )
 
     features: list[Feature] = []
-    flags: int = header.flags
+    flags: int = header["flags"]
     if flags & FLAG_EMPTY_IMAGE:
         # qemu 7.2 ignores the flag (it reads the BAT anyway).
         features.append(Feature("empty-image", FeatureKind.COMPATIBLE, 0))
@@ -250,21 +250,28 @@ def inspect(reader: ImageReader) -> ImageInfo:
             )
 
     header_facts: dict[str, Any] = {
-        "magic": header.magic.decode("ascii"),
-        "version": header.version,
-        "heads": header.heads,
-        "cylinders": header.cylinders,
+        "magic": header["magic"].decode("ascii"),
+        "version": header["version"],
+        "heads": header["heads"],
+        "cylinders": header["cylinders"],
         "tracks": tracks,
         "bat_entries": bat_entries,
-        "nb_sectors": header.nb_sectors,
-        "inuse": header.inuse,
+        "nb_sectors": header["nb_sectors"],
+        "inuse": header["inuse"],
         "data_off": data_off,
         "flags": flags,
-        "ext_off": header.ext_off,
+        "ext_off": header["ext_off"],
     }
-    if header.ext_off:
+    if header["ext_off"]:
         _inspect_extension(
-            reader, header.ext_off, tracks, total_sectors, tables, features, problems, header_facts
+            reader,
+            header["ext_off"],
+            tracks,
+            total_sectors,
+            tables,
+            features,
+            problems,
+            header_facts,
         )
 
     return ImageInfo(
@@ -273,7 +280,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         # ploop v2 layout (cluster-unit BAT, 64-bit nb_sectors) that qemu-img creates.
         variant="ploop" if is_ext else "parallels",
         virtual_size=virtual_size,
-        version=header.version,
+        version=header["version"],
         cluster_size=cluster_size,
         features=tuple(features),
         tables=tuple(tables),
@@ -294,7 +301,7 @@ def _check_header_read(header: Any, bat_entries: int, problems: list[Problem]) -
     header_size = -(-size // OPT_MEM_ALIGN) * OPT_MEM_ALIGN
     # qemu 7.2 compares data_end, in sectors, with header_size, in bytes (a qemu bug fixed
     # later): data_off, or when it is 0 the BAT end rounded up to 512 *bytes*.
-    data_end = header.data_off or -(-size // SECTOR) * SECTOR
+    data_end = header["data_off"] or -(-size // SECTOR) * SECTOR
     if data_end < header_size:
         header_size = size
     if header_size > BDRV_REQUEST_MAX_BYTES:
@@ -358,14 +365,14 @@ def _inspect_extension(
         )
         return
     ext = parse_struct(EXT_HEADER, data[:24], offset=offset, what="format_extension")
-    if ext.magic != PARALLELS_FORMAT_EXTENSION_MAGIC:
+    if ext["magic"] != PARALLELS_FORMAT_EXTENSION_MAGIC:
         problems.append(
             _refused(
-                f"wrong Format Extension magic {ext.magic:#x}", "format_extension.magic", offset
+                f"wrong Format Extension magic {ext['magic']:#x}", "format_extension.magic", offset
             )
         )
         return
-    if hashlib.md5(data[24:], usedforsecurity=False).digest() != ext.check_sum:
+    if hashlib.md5(data[24:], usedforsecurity=False).digest() != ext["check_sum"]:
         problems.append(
             _refused("wrong Format Extension checksum", "format_extension.check_sum", offset + 8)
         )
@@ -388,14 +395,14 @@ def _inspect_extension(
         )
         where = offset + pos
         pos += 24
-        if fh.flags:
+        if fh["flags"]:
             problems.append(
                 _refused(
                     "Format Extension feature flags are set", "feature_header.flags", where + 8
                 )
             )
             break
-        data_size = -(-fh.data_size // 8) * 8
+        data_size = -(-fh["data_size"] // 8) * 8
         if data_size > cluster - pos:
             problems.append(
                 _refused(
@@ -405,18 +412,24 @@ def _inspect_extension(
                 )
             )
             break
-        if fh.magic == PARALLELS_END_OF_FEATURES_MAGIC:
+        if fh["magic"] == PARALLELS_END_OF_FEATURES_MAGIC:
             break
-        if fh.magic != PARALLELS_DIRTY_BITMAP_FEATURE_MAGIC:
+        if fh["magic"] != PARALLELS_DIRTY_BITMAP_FEATURE_MAGIC:
             problems.append(
                 _refused(
-                    f"unknown Format Extension feature {fh.magic:#x}", "feature_header.magic", where
+                    f"unknown Format Extension feature {fh['magic']:#x}",
+                    "feature_header.magic",
+                    where,
                 )
             )
             break
         names.append("dirty-bitmap")
         _check_bitmap(
-            data[pos : pos + fh.data_size], fh.data_size, total_sectors, offset + pos, problems
+            data[pos : pos + fh["data_size"]],
+            fh["data_size"],
+            total_sectors,
+            offset + pos,
+            problems,
         )
         pos += data_size
     facts["ext_features"] = tuple(names)
@@ -432,13 +445,15 @@ def _check_bitmap(
         problems.append(_refused("dirty bitmap feature is too small", "dirty_bitmap", where))
         return
     bf = parse_struct(DIRTY_BITMAP_FEATURE, data[:32], offset=where, what="dirty_bitmap")
-    if bf.size != total_sectors:
+    if bf["size"] != total_sectors:
         problems.append(
             _refused(
-                f"dirty bitmap size {bf.size} differs from nb_sectors", "dirty_bitmap.size", where
+                f"dirty bitmap size {bf['size']} differs from nb_sectors",
+                "dirty_bitmap.size",
+                where,
             )
         )
-    granularity = bf.granularity * SECTOR
+    granularity = bf["granularity"] * SECTOR
     if granularity < SECTOR or granularity > 0xFFFFFFFF or granularity & (granularity - 1):
         problems.append(
             _refused(
@@ -447,7 +462,7 @@ def _check_bitmap(
                 where + 24,
             )
         )
-    if bf.l1_size * 8 > data_size - DIRTY_BITMAP_FEATURE.sizeof():
+    if bf["l1_size"] * 8 > data_size - DIRTY_BITMAP_FEATURE.sizeof():
         problems.append(
             _refused(
                 "dirty bitmap L1 table exceeds the feature data", "dirty_bitmap.l1_size", where + 28

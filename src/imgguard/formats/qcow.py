@@ -82,7 +82,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     def problem(kind: ProblemKind, message: str, field: str, offset: int) -> None:
         problems.append(Problem(kind=kind, message=message, field=field, offset=offset))
 
-    version: int = header.version
+    version: int = header["version"]
     facts: dict[str, Any] = {"version": version}
     if version != QCOW_VERSION:
         hint = " (versions 2 and 3 are qcow2)" if version in (2, 3) else ""
@@ -101,19 +101,19 @@ def inspect(reader: ImageReader) -> ImageInfo:
             header=facts,
         )
 
-    size: int = header.size
-    cluster_bits: int = header.cluster_bits
-    l2_bits: int = header.l2_bits
-    crypt_method = int(header.crypt_method)
+    size: int = header["size"]
+    cluster_bits: int = header["cluster_bits"]
+    l2_bits: int = header["l2_bits"]
+    crypt_method = int(header["crypt_method"])
     facts.update(
-        backing_file_offset=header.backing_file_offset,
-        backing_file_size=header.backing_file_size,
-        mtime=header.mtime,
+        backing_file_offset=header["backing_file_offset"],
+        backing_file_size=header["backing_file_size"],
+        mtime=header["mtime"],
         size=size,
         cluster_bits=cluster_bits,
         l2_bits=l2_bits,
         crypt_method=crypt_method,
-        l1_table_offset=header.l1_table_offset,
+        l1_table_offset=header["l1_table_offset"],
     )
 
     if size <= 1:
@@ -156,7 +156,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         encryption = Encryption(method=f"unknown-{crypt_method}")
 
     tables: list[Table] = []
-    l1_table_offset: int = header.l1_table_offset
+    l1_table_offset: int = header["l1_table_offset"]
     if cluster_valid and l2_valid:
         # The L1 table covers the virtual size; qemu allocates and reads it whole.
         shift = cluster_bits + l2_bits
@@ -193,8 +193,8 @@ def inspect(reader: ImageReader) -> ImageInfo:
 
     references: list[Reference] = []
     backing_file = None
-    backing_file_offset: int = header.backing_file_offset
-    backing_file_size: int = header.backing_file_size
+    backing_file_offset: int = header["backing_file_offset"]
+    backing_file_size: int = header["backing_file_size"]
     if backing_file_offset:
         if backing_file_size > MAX_BACKING_FILE_SIZE:
             problem(

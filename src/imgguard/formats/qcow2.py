@@ -205,7 +205,7 @@ class _Inspection:
         raw = reader.read_available(0, QEMU_HEADER_SIZE, field="header")
         raw = raw.ljust(QEMU_HEADER_SIZE, b"\0")
         v2 = parse_struct(HEADER_V2, raw, offset=0, what="header")
-        version: int = v2.version
+        version: int = v2["version"]
         header = self.header
         header["version"] = version
         if version < 2:
@@ -245,10 +245,10 @@ class _Inspection:
             "snapshots_offset",
         ):
             header[name] = int(v2[name])
-        crypt_method = int(v2.crypt_method)
+        crypt_method = int(v2["crypt_method"])
         header["crypt_method"] = crypt_method
 
-        cluster_bits: int = v2.cluster_bits
+        cluster_bits: int = v2["cluster_bits"]
         cluster_valid = MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
         if not cluster_valid:
             self.problem(
@@ -269,11 +269,11 @@ class _Inspection:
             v3 = parse_struct(
                 HEADER_V3, raw[HEADER_V2_SIZE:HEADER_V3_SIZE], offset=HEADER_V2_SIZE, what="header"
             )
-            incompatible = v3.incompatible_features
-            compatible = v3.compatible_features
-            autoclear = v3.autoclear_features
-            refcount_order = v3.refcount_order
-            header_length = v3.header_length
+            incompatible = v3["incompatible_features"]
+            compatible = v3["compatible_features"]
+            autoclear = v3["autoclear_features"]
+            refcount_order = v3["refcount_order"]
+            header_length = v3["header_length"]
             header.update(
                 incompatible_features=incompatible,
                 compatible_features=compatible,
@@ -339,7 +339,7 @@ class _Inspection:
                 32,
             )
 
-        size: int = v2.size
+        size: int = v2["size"]
         # bdrv total_sectors = size / 512: qemu-img reports the size rounded down to sectors.
         virtual_size = size // 512 * 512
         if cluster_valid:
@@ -347,7 +347,7 @@ class _Inspection:
 
         # Header extensions: from header_length up to the backing file name or the end of the
         # first cluster (qcow2_do_open's ext_end).
-        backing_file_offset: int = v2.backing_file_offset
+        backing_file_offset: int = v2["backing_file_offset"]
         ext_start = header_length if version < 3 else max(header_length, HEADER_V3_SIZE)
         ext_end = min(backing_file_offset, cluster_size) if backing_file_offset else cluster_size
         self._extensions(ext_start, ext_end, crypt_method, autoclear, cluster_size)
@@ -620,8 +620,8 @@ class _Inspection:
                 offset=offset,
                 what="header_extension",
             )
-            magic: int = ext.magic
-            length: int = ext.len
+            magic: int = ext["magic"]
+            length: int = ext["len"]
             offset += 8
             if offset > end or length > end - offset:
                 self.problem(
@@ -715,8 +715,8 @@ class _Inspection:
             offset=offset,
             what="crypto_header",
         )
-        crypto_offset: int = ext.offset
-        crypto_length: int = ext.length
+        crypto_offset: int = ext["offset"]
+        crypto_length: int = ext["length"]
         self.header["crypto_header_offset"] = crypto_offset
         self.header["crypto_header_length"] = crypto_length
         if crypto_offset % cluster_size:
@@ -779,15 +779,15 @@ class _Inspection:
             offset=offset,
             what="bitmaps",
         )
-        nb_bitmaps: int = ext.nb_bitmaps
-        directory_size: int = ext.bitmap_directory_size
-        directory_offset: int = ext.bitmap_directory_offset
+        nb_bitmaps: int = ext["nb_bitmaps"]
+        directory_size: int = ext["bitmap_directory_size"]
+        directory_offset: int = ext["bitmap_directory_offset"]
         self.header.update(
             nb_bitmaps=nb_bitmaps,
             bitmap_directory_size=directory_size,
             bitmap_directory_offset=directory_offset,
         )
-        if ext.reserved32:
+        if ext["reserved32"]:
             self.problem(
                 ProblemKind.MALFORMED,
                 "bitmaps extension reserved field is not zero",

@@ -93,12 +93,12 @@ def inspect(reader: ImageReader) -> ImageInfo:
     def problem(kind: ProblemKind, message: str, field: str, offset: int) -> None:
         problems.append(Problem(kind=kind, message=message, field=field, offset=offset))
 
-    cluster_size: int = h.cluster_size
-    table_size: int = h.table_size
-    header_size: int = h.header_size
-    features_value: int = h.features
-    image_size: int = h.image_size
-    l1_table_offset: int = h.l1_table_offset
+    cluster_size: int = h["cluster_size"]
+    table_size: int = h["table_size"]
+    header_size: int = h["header_size"]
+    features_value: int = h["features"]
+    image_size: int = h["image_size"]
+    l1_table_offset: int = h["l1_table_offset"]
     facts: dict[str, Any] = {
         name: int(h[name])
         for name in (
@@ -118,8 +118,8 @@ def inspect(reader: ImageReader) -> ImageInfo:
     features: list[Feature] = []
     for kind, value, names in (
         (FeatureKind.INCOMPATIBLE, features_value, FEATURES),
-        (FeatureKind.COMPATIBLE, h.compat_features, {}),
-        (FeatureKind.AUTOCLEAR, h.autoclear_features, {}),
+        (FeatureKind.COMPATIBLE, h["compat_features"], {}),
+        (FeatureKind.AUTOCLEAR, h["autoclear_features"], {}),
     ):
         rest = int(value)
         while rest:
@@ -183,8 +183,8 @@ def inspect(reader: ImageReader) -> ImageInfo:
 
     references: list[Reference] = []
     backing_file = backing_format = None
-    offset: int = h.backing_filename_offset
-    size: int = h.backing_filename_size
+    offset: int = h["backing_filename_offset"]
+    size: int = h["backing_filename_size"]
     if features_value & QED_F_BACKING_FILE:
         # qemu compares against cluster_size * header_size computed in 32 bits (it wraps).
         header_bytes = (cluster_size * header_size) & U32

@@ -136,12 +136,12 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
     hdr = parse_struct(_PARSER, data, offset=0, what="vdi")
 
-    version: int = hdr.version
-    disk_size: int = hdr.disk_size
-    block_size: int = hdr.block_size
-    blocks: int = hdr.blocks_in_image
-    offset_bmap: int = hdr.offset_bmap
-    offset_data: int = hdr.offset_data
+    version: int = hdr["version"]
+    disk_size: int = hdr["disk_size"]
+    block_size: int = hdr["block_size"]
+    blocks: int = hdr["blocks_in_image"]
+    offset_bmap: int = hdr["offset_bmap"]
+    offset_data: int = hdr["offset_data"]
 
     # vdi_open(), in its order. qemu stops at the first; all are reported here.
     if disk_size > VDI_DISK_SIZE_MAX:
@@ -168,8 +168,10 @@ def inspect(reader: ImageReader) -> ImageInfo:
         problem(
             ProblemKind.UNSUPPORTED, f"data offset {offset_data:#x} is unaligned", "offset_data"
         )
-    if hdr.sector_size != SECTOR_SIZE:
-        problem(ProblemKind.UNSUPPORTED, f"sector size {hdr.sector_size} is not 512", "sector_size")
+    if hdr["sector_size"] != SECTOR_SIZE:
+        problem(
+            ProblemKind.UNSUPPORTED, f"sector size {hdr['sector_size']} is not 512", "sector_size"
+        )
     if block_size != DEFAULT_CLUSTER_SIZE:
         problem(ProblemKind.UNSUPPORTED, f"block size {block_size} is not 1048576", "block_size")
     if virtual_size > blocks * block_size:
@@ -201,7 +203,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
 
     # Oddities qemu does not check.
-    image_type = hdr.image_type
+    image_type = hdr["image_type"]
     variant = str(image_type) if isinstance(image_type, str) else None
     if variant is None:
         problem(
@@ -209,12 +211,12 @@ def inspect(reader: ImageReader) -> ImageInfo:
             f"image type {int(image_type)} is not one VirtualBox defines (qemu ignores it)",
             "image_type",
         )
-    if variant == "diff" and hdr.uuid_link == _NULL_UUID:
+    if variant == "diff" and hdr["uuid_link"] == _NULL_UUID:
         problem(ProblemKind.INCONSISTENT, "diff image without a parent (uuid_link)", "image_type")
-    if hdr.header_size not in VDI_HEADER_SIZES:
+    if hdr["header_size"] not in VDI_HEADER_SIZES:
         problem(
             ProblemKind.MALFORMED,
-            f"header size {hdr.header_size:#x} is not 0x180 or 0x190 (qemu ignores it)",
+            f"header size {hdr['header_size']:#x} is not 0x180 or 0x190 (qemu ignores it)",
             "header_size",
         )
     if block_size and blocks > -(-disk_size // block_size):
@@ -223,10 +225,10 @@ def inspect(reader: ImageReader) -> ImageInfo:
             f"{blocks} blocks for a disk of {disk_size} bytes",
             "blocks_in_image",
         )
-    if hdr.blocks_allocated > blocks:
+    if hdr["blocks_allocated"] > blocks:
         problem(
             ProblemKind.INCONSISTENT,
-            f"{hdr.blocks_allocated} blocks allocated of {blocks}",
+            f"{hdr['blocks_allocated']} blocks allocated of {blocks}",
             "blocks_allocated",
         )
 
@@ -247,14 +249,14 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
     if offset_bmap < offset_data < offset_bmap + bmap_length:
         problem(ProblemKind.INCONSISTENT, "data area overlaps the block map", "offset_data")
-    if hdr.blocks_allocated and offset_data > reader.size:
+    if hdr["blocks_allocated"] and offset_data > reader.size:
         problem(
             ProblemKind.TRUNCATED,
             f"data area at {offset_data} starts past the end of the file",
             "offset_data",
         )
 
-    image_flags: int = hdr.image_flags
+    image_flags: int = hdr["image_flags"]
     features = (
         tuple(
             Feature(VDI_FLAGS.get(bit, f"bit{bit}"), FeatureKind.COMPATIBLE, bit, bit in VDI_FLAGS)
@@ -265,24 +267,24 @@ def inspect(reader: ImageReader) -> ImageInfo:
         else ()
     )
     header = {
-        "text": _c_string(hdr.text),
+        "text": _c_string(hdr["text"]),
         "version": version,
-        "header_size": hdr.header_size,
+        "header_size": hdr["header_size"],
         "image_type": int(image_type),
-        "image_flags": hdr.image_flags,
-        "description": _c_string(hdr.description),
+        "image_flags": hdr["image_flags"],
+        "description": _c_string(hdr["description"]),
         "offset_bmap": offset_bmap,
         "offset_data": offset_data,
-        "sector_size": hdr.sector_size,
+        "sector_size": hdr["sector_size"],
         "disk_size": disk_size,
         "block_size": block_size,
-        "block_extra": hdr.block_extra,
+        "block_extra": hdr["block_extra"],
         "blocks_in_image": blocks,
-        "blocks_allocated": hdr.blocks_allocated,
-        "uuid_image": _uuid(hdr.uuid_image),
-        "uuid_last_snap": _uuid(hdr.uuid_last_snap),
-        "uuid_link": _uuid(hdr.uuid_link),
-        "uuid_parent": _uuid(hdr.uuid_parent),
+        "blocks_allocated": hdr["blocks_allocated"],
+        "uuid_image": _uuid(hdr["uuid_image"]),
+        "uuid_last_snap": _uuid(hdr["uuid_last_snap"]),
+        "uuid_link": _uuid(hdr["uuid_link"]),
+        "uuid_parent": _uuid(hdr["uuid_parent"]),
     }
     return ImageInfo(
         format=NAME,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from construct import Bytes, Const, Int16ul, Int32ul, Int64ul, Padding, Struct
@@ -241,7 +241,13 @@ def probe(reader: ImageReader) -> int:
 
 def recognise(reader: ImageReader) -> bool:
     """A descriptor qemu's prober misses (no `version=` line first) but `-f vmdk` would open."""
-    if reader.size < 4 or reader.head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
+    head = reader.head
+    if reader.size < 4 or head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
+        return False
+    # The usual case, binary data: the C string ends inside the head without a createType
+    # (what _read_c_text() below would return, without copying the head).
+    nul = head.find(b"\0")
+    if nul >= 0 and head.find(b"createType", 0, nul) < 0:
         return False
     # vmdk_open() -> vmdk_read_desc() parses the whole C string of up to 1 MiB - 1, not just
     # the prober's 2 KiB: a 5000-byte comment line would otherwise hide the createType and a
@@ -654,10 +660,13 @@ def _parse_extents(text: bytes, base: int) -> _Extents:
     )
 
 
-def _extent_lines(text: bytes) -> tuple[str, ...]:
-    """The extent lines of a descriptor qemu does not open, as text (facts only)."""
+def _extent_lines(text: bytes, scans: Iterable[ExtentScan] | None = None) -> tuple[str, ...]:
+    """The extent lines of a descriptor qemu does not open, as text (facts only); `scans` are
+    the first MAX_EXTENT_SCANS scans of `text` where the caller has them already."""
+    if scans is None:
+        scans = itertools.islice(_scan_extents(text), MAX_EXTENT_SCANS)
     lines = []
-    for scan in itertools.islice(_scan_extents(text), MAX_EXTENT_SCANS):
+    for scan in scans:
         if scan.matches >= 3:
             end = text.find(b"\n", scan.start)
             line = text[scan.start : len(text) if end < 0 else end]
@@ -665,7 +674,9 @@ def _extent_lines(text: bytes) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def _embedded_extent_problems(text: bytes, base: int) -> list[Problem]:
+def _embedded_extent_problems(
+    text: bytes, base: int, scans: Iterable[ExtentScan] | None = None
+) -> list[Problem]:
     """Extent lines of a sparse file's embedded descriptor that name anything but the file.
 
     qemu never opens them (vmdk_open_vmdk4() uses the header), but VMware reads the embedded
@@ -673,8 +684,10 @@ def _embedded_extent_problems(text: bytes, base: int) -> list[Problem]:
     itself, by a bare file name. A FLAT/VMFS/... line, or a name with a directory, a drive or a
     protocol in it, points outside the file (oslo's format_inspector refuses such lines too).
     """
+    if scans is None:
+        scans = itertools.islice(_scan_extents(text), MAX_EXTENT_SCANS)
     problems = []
-    for index, scan in enumerate(itertools.islice(_scan_extents(text), MAX_EXTENT_SCANS)):
+    for index, scan in enumerate(scans):
         if scan.matches < 3:
             continue
         name = scan.filename or b""
@@ -894,12 +907,12 @@ def _read_footer(reader: ImageReader, problems: list[Problem]) -> Any | None:
         data = _padded(reader, at, FOOTER_SIZE, "footer")
     footer = parse_struct(STREAM_FOOTER, data, offset=at, what="footer")
     if (
-        footer.header.magic != VMDK4_MAGIC
-        or footer.footer_marker.size != 0
-        or footer.footer_marker.type != MARKER_FOOTER
-        or footer.eos_marker.val != 0
-        or footer.eos_marker.size != 0
-        or footer.eos_marker.type != MARKER_END_OF_STREAM
+        footer["header"]["magic"] != VMDK4_MAGIC
+        or footer["footer_marker"]["size"] != 0
+        or footer["footer_marker"]["type"] != MARKER_FOOTER
+        or footer["eos_marker"]["val"] != 0
+        or footer["eos_marker"]["size"] != 0
+        or footer["eos_marker"]["type"] != MARKER_END_OF_STREAM
     ):
         problems.append(
             Problem(
@@ -930,37 +943,37 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
         VMDK4_HEADER, _padded(reader, 0, VMDK4_HEADER_SIZE, "header"), offset=0, what="header"
     )
 
-    if first.capacity == 0 and first.desc_offset != 0:
+    if first["capacity"] == 0 and first["desc_offset"] != 0:
         return _inspect_vmdk4_descriptor(reader, first, problems)
 
     header_at = 0
     hdr = first
     from_footer = False
-    if first.gd_offset == VMDK4_GD_AT_END:
+    if first["gd_offset"] == VMDK4_GD_AT_END:
         # "The footer takes precedence over the header".
         footer = _read_footer(reader, problems)
         if footer is not None:
-            hdr = footer.header
+            hdr = footer["header"]
             header_at = -(-reader.size // SECTOR) * SECTOR - FOOTER_SIZE + SECTOR
             from_footer = True
 
-    compressed = hdr.compressAlgorithm == VMDK4_COMPRESSION_DEFLATE
+    compressed = hdr["compressAlgorithm"] == VMDK4_COMPRESSION_DEFLATE
     variant = "streamOptimized" if compressed else "monolithicSparse"
-    flags = hdr.flags
-    if hdr.version > 3:
+    flags = hdr["flags"]
+    if hdr["version"] > 3:
         problems.append(
             Problem(
                 ProblemKind.UNSUPPORTED,
-                f"VMDK version {hdr.version}: qemu supports 1 to 3",
+                f"VMDK version {hdr['version']}: qemu supports 1 to 3",
                 field="version",
                 offset=header_at + 4,
             )
         )
-    if hdr.compressAlgorithm not in (0, VMDK4_COMPRESSION_DEFLATE):
+    if hdr["compressAlgorithm"] not in (0, VMDK4_COMPRESSION_DEFLATE):
         problems.append(
             Problem(
                 ProblemKind.MALFORMED,
-                f"unknown compressAlgorithm {hdr.compressAlgorithm}; qemu reads the grains "
+                f"unknown compressAlgorithm {hdr['compressAlgorithm']}; qemu reads the grains "
                 "as uncompressed",
                 field="compressAlgorithm",
                 offset=header_at + 77,
@@ -976,11 +989,11 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
                 offset=header_at + 8,
             )
         )
-    if flags & VMDK4_FLAG_NL_DETECT and hdr.check_bytes != CHECK_BYTES:
+    if flags & VMDK4_FLAG_NL_DETECT and hdr["check_bytes"] != CHECK_BYTES:
         problems.append(
             Problem(
                 ProblemKind.INCONSISTENT,
-                f"newline-detection bytes are {hdr.check_bytes!r}, not {CHECK_BYTES!r}: the "
+                f"newline-detection bytes are {hdr['check_bytes']!r}, not {CHECK_BYTES!r}: the "
                 "file went through a text-mode transfer",
                 field="check_bytes",
                 offset=header_at + 73,
@@ -989,17 +1002,17 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
 
     tables: list[Table] = []
     l1_size = None
-    if hdr.num_gtes_per_gt > MAX_GTES_PER_GT:
+    if hdr["num_gtes_per_gt"] > MAX_GTES_PER_GT:
         problems.append(
             Problem(
                 ProblemKind.LIMIT,
-                f"num_gtes_per_gt {hdr.num_gtes_per_gt} is over qemu's {MAX_GTES_PER_GT}",
+                f"num_gtes_per_gt {hdr['num_gtes_per_gt']} is over qemu's {MAX_GTES_PER_GT}",
                 field="num_gtes_per_gt",
                 offset=header_at + 44,
             )
         )
     # uint32_t l1_entry_sectors = num_gtes_per_gt * granularity (64-bit product, truncated).
-    l1_entry_sectors = (hdr.num_gtes_per_gt * hdr.granularity) & U32
+    l1_entry_sectors = (hdr["num_gtes_per_gt"] * hdr["granularity"]) & U32
     if l1_entry_sectors == 0:
         problems.append(
             Problem(
@@ -1012,8 +1025,8 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
         )
     else:
         # uint32_t l1_size = (capacity + l1_entry_sectors - 1) / l1_entry_sectors, in 64 bits.
-        l1_size = (((hdr.capacity + l1_entry_sectors - 1) & U64) // l1_entry_sectors) & U32
-    granularity = hdr.granularity
+        l1_size = (((hdr["capacity"] + l1_entry_sectors - 1) & U64) // l1_entry_sectors) & U32
+    granularity = hdr["granularity"]
     if granularity == 0 or granularity & (granularity - 1):
         problems.append(
             Problem(
@@ -1025,11 +1038,11 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
             )
         )
     nb_sectors = -(-reader.size // SECTOR)
-    if nb_sectors < hdr.grain_offset:
+    if nb_sectors < hdr["grain_offset"]:
         problems.append(
             Problem(
                 ProblemKind.TRUNCATED,
-                f"grain_offset {hdr.grain_offset} is past the end of the file ({nb_sectors} "
+                f"grain_offset {hdr['grain_offset']} is past the end of the file ({nb_sectors} "
                 "sectors): qemu refuses the image (File truncated)",
                 field="grain_offset",
                 offset=header_at + 64,
@@ -1054,60 +1067,60 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
             )
         )
     # Without a usable footer the grain directory's place is unknown ("Invalid footer" above).
-    footer_missing = first.gd_offset == VMDK4_GD_AT_END and not from_footer
+    footer_missing = first["gd_offset"] == VMDK4_GD_AT_END and not from_footer
     if l1_size is not None and not footer_missing:
         length = l1_size * 4
-        gd_at = (hdr.gd_offset << 9) & U64
-        tables.append(Table("grain_directory", hdr.gd_offset * SECTOR, length))
+        gd_at = (hdr["gd_offset"] << 9) & U64
+        tables.append(Table("grain_directory", hdr["gd_offset"] * SECTOR, length))
         if not _read_ok(gd_at, length):
             problems.append(
                 Problem(
                     ProblemKind.MALFORMED,
-                    f"gd_offset {hdr.gd_offset:#x} is beyond what qemu can read",
+                    f"gd_offset {hdr['gd_offset']:#x} is beyond what qemu can read",
                     field="gd_offset",
                     offset=header_at + 56,
                 )
             )
-        rgd_at = (hdr.rgd_offset << 9) & U64
+        rgd_at = (hdr["rgd_offset"] << 9) & U64
         if flags & VMDK4_FLAG_RGD and rgd_at:
-            tables.append(Table("redundant_grain_directory", hdr.rgd_offset * SECTOR, length))
+            tables.append(Table("redundant_grain_directory", hdr["rgd_offset"] * SECTOR, length))
             if not _read_ok(rgd_at, length):
                 problems.append(
                     Problem(
                         ProblemKind.MALFORMED,
-                        f"rgd_offset {hdr.rgd_offset:#x} is beyond what qemu can read",
+                        f"rgd_offset {hdr['rgd_offset']:#x} is beyond what qemu can read",
                         field="rgd_offset",
                         offset=header_at + 48,
                     )
                 )
-    problems.extend(_size_problems(hdr.capacity, "capacity", header_at + 12))
+    problems.extend(_size_problems(hdr["capacity"], "capacity", header_at + 12))
 
     header: dict[str, Any] = {
-        "version": hdr.version,
+        "version": hdr["version"],
         "flags": flags,
-        "capacity": hdr.capacity,
+        "capacity": hdr["capacity"],
         "granularity": granularity,
-        "desc_offset": hdr.desc_offset,
-        "desc_size": hdr.desc_size,
-        "num_gtes_per_gt": hdr.num_gtes_per_gt,
-        "rgd_offset": hdr.rgd_offset,
-        "gd_offset": hdr.gd_offset,
-        "grain_offset": hdr.grain_offset,
-        "check_bytes": hdr.check_bytes.hex(),
-        "compressAlgorithm": hdr.compressAlgorithm,
+        "desc_offset": hdr["desc_offset"],
+        "desc_size": hdr["desc_size"],
+        "num_gtes_per_gt": hdr["num_gtes_per_gt"],
+        "rgd_offset": hdr["rgd_offset"],
+        "gd_offset": hdr["gd_offset"],
+        "grain_offset": hdr["grain_offset"],
+        "check_bytes": hdr["check_bytes"].hex(),
+        "compressAlgorithm": hdr["compressAlgorithm"],
         "l1_size": l1_size,
         "header_in_footer": from_footer,
         # vmdk_open_vmdk4(): version 3 without compression opens read-only only.
-        "read_only": hdr.version == 3 and not compressed,
+        "read_only": hdr["version"] == 3 and not compressed,
         "create_type": variant,
     }
 
     # The embedded descriptor as VMware reads it (desc_offset, desc_size): facts only, qemu
     # never parses its createType or extent lines for a sparse file with a capacity.
-    if first.desc_offset and first.desc_size:
-        desc_at = first.desc_offset * SECTOR
-        desc_len = min(first.desc_size * SECTOR, DESC_READ_MAX)
-        if desc_at + min(first.desc_size * SECTOR, DESC_READ_MAX) > reader.size:
+    if first["desc_offset"] and first["desc_size"]:
+        desc_at = first["desc_offset"] * SECTOR
+        desc_len = min(first["desc_size"] * SECTOR, DESC_READ_MAX)
+        if desc_at + min(first["desc_size"] * SECTOR, DESC_READ_MAX) > reader.size:
             problems.append(
                 Problem(
                     ProblemKind.TRUNCATED,
@@ -1129,8 +1142,10 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
                     offset=desc_at,
                 )
             )
-        header["descriptor_extents"] = _extent_lines(text)
-        problems.extend(_embedded_extent_problems(text, desc_at))
+        # One scan of the descriptor serves both.
+        scans = list(itertools.islice(_scan_extents(text), MAX_EXTENT_SCANS))
+        header["descriptor_extents"] = _extent_lines(text, scans)
+        problems.extend(_embedded_extent_problems(text, desc_at, scans))
         header.update(_ddb_facts(text))
 
     facts = _qemu_descriptor_facts(reader, SPARSE_DESC_OFFSET)
@@ -1151,13 +1166,13 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
     return ImageInfo(
         format=NAME,
         variant=variant,
-        virtual_size=hdr.capacity * SECTOR,
-        version=hdr.version,
+        virtual_size=hdr["capacity"] * SECTOR,
+        version=hdr["version"],
         cluster_size=granularity * SECTOR,
         backing_file=facts.backing_file,
         backing_format=NAME if facts.backing_file is not None else None,
         # The one extent qemu builds: the file itself.
-        extents=(Extent(access="RW", size_sectors=hdr.capacity, type="SPARSE", filename=None),),
+        extents=(Extent(access="RW", size_sectors=hdr["capacity"], type="SPARSE", filename=None),),
         references=references,
         features=_vmdk4_features(flags),
         tables=tuple(tables),
@@ -1228,16 +1243,16 @@ def _inspect_vmdk3(reader: ImageReader) -> ImageInfo:
     hdr = parse_struct(VMDK3_HEADER, data, offset=0, what="header")
     # vmdk_open_vmfs_sparse() -> vmdk_add_extent(sectors=disk_sectors, l1 at l1dir_offset,
     # l1_size=l1dir_size, l2_size=4096, cluster_sectors=granularity).
-    if hdr.granularity > MAX_CLUSTER_SECTORS:
+    if hdr["granularity"] > MAX_CLUSTER_SECTORS:
         problems.append(
             Problem(
                 ProblemKind.LIMIT,
-                f"granularity {hdr.granularity} sectors is over qemu's {MAX_CLUSTER_SECTORS}",
+                f"granularity {hdr['granularity']} sectors is over qemu's {MAX_CLUSTER_SECTORS}",
                 field="granularity",
                 offset=16,
             )
         )
-    elif hdr.granularity == 0:
+    elif hdr["granularity"] == 0:
         problems.append(
             Problem(
                 ProblemKind.MALFORMED,
@@ -1246,37 +1261,37 @@ def _inspect_vmdk3(reader: ImageReader) -> ImageInfo:
                 offset=16,
             )
         )
-    if hdr.l1dir_size > MAX_L1_SIZE:
+    if hdr["l1dir_size"] > MAX_L1_SIZE:
         problems.append(
             Problem(
                 ProblemKind.LIMIT,
-                f"the grain directory has {hdr.l1dir_size} entries, over qemu's {MAX_L1_SIZE}",
+                f"the grain directory has {hdr['l1dir_size']} entries, over qemu's {MAX_L1_SIZE}",
                 field="l1dir_size",
                 offset=24,
             )
         )
-    tables = (Table("grain_directory", hdr.l1dir_offset * SECTOR, hdr.l1dir_size * 4),)
-    problems.extend(_size_problems(hdr.disk_sectors, "disk_sectors", 12))
+    tables = (Table("grain_directory", hdr["l1dir_offset"] * SECTOR, hdr["l1dir_size"] * 4),)
+    problems.extend(_size_problems(hdr["disk_sectors"], "disk_sectors", 12))
 
     references: list[Reference] = []
     parent_name = None
     header: dict[str, Any] = {
-        "version": hdr.version,
-        "flags": hdr.flags,
-        "disk_sectors": hdr.disk_sectors,
-        "granularity": hdr.granularity,
-        "l1dir_offset": hdr.l1dir_offset,
-        "l1dir_size": hdr.l1dir_size,
-        "file_sectors": hdr.file_sectors,
-        "generation": hdr.generation,
-        "uncleanShutdown": hdr.uncleanShutdown,
+        "version": hdr["version"],
+        "flags": hdr["flags"],
+        "disk_sectors": hdr["disk_sectors"],
+        "granularity": hdr["granularity"],
+        "l1dir_offset": hdr["l1dir_offset"],
+        "l1dir_size": hdr["l1dir_size"],
+        "file_sectors": hdr["file_sectors"],
+        "generation": hdr["generation"],
+        "uncleanShutdown": hdr["uncleanShutdown"],
         "create_type": None,
     }
-    if not hdr.flags & COWDISK_ROOT:
+    if not hdr["flags"] & COWDISK_ROOT:
         # A child (redo log): u.child.parentFileName names its parent. qemu never reads it;
         # VMware follows it, so it is reported as the parent the image depends on.
-        name = _c_string(hdr.parentFileName)
-        header["parentGeneration"] = hdr.parentGeneration
+        name = _c_string(hdr["parentFileName"])
+        header["parentGeneration"] = hdr["parentGeneration"]
         if name:
             parent_name = _decode(name)
             references.append(
@@ -1306,13 +1321,13 @@ def _inspect_vmdk3(reader: ImageReader) -> ImageInfo:
         format=NAME,
         # qemu leaves create_type NULL for a COWD file (qemu-img info prints "").
         variant=None,
-        virtual_size=hdr.disk_sectors * SECTOR,
-        version=hdr.version,
-        cluster_size=hdr.granularity * SECTOR,
+        virtual_size=hdr["disk_sectors"] * SECTOR,
+        version=hdr["version"],
+        cluster_size=hdr["granularity"] * SECTOR,
         backing_file=facts.backing_file,
         backing_format=NAME if facts.backing_file is not None else None,
         extents=(
-            Extent(access="RW", size_sectors=hdr.disk_sectors, type="VMFSSPARSE", filename=None),
+            Extent(access="RW", size_sectors=hdr["disk_sectors"], type="VMFSSPARSE", filename=None),
         ),
         references=tuple(references),
         tables=tables,

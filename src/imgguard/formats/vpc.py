@@ -21,6 +21,7 @@ from __future__ import annotations
 import array
 import sys
 import uuid
+import zlib
 from typing import Any
 
 from construct import Array, Bytes, Const, Enum, Int8ub, Int16ub, Int32ub, Int64ub, Struct
@@ -150,48 +151,48 @@ def inspect(reader: ImageReader) -> ImageInfo:
     footer_offset, footer_bytes = _find_footer(reader)
     footer = parse_struct(FOOTER, footer_bytes, offset=footer_offset, what="footer")
     at_end = footer_offset != 0
-    disk_type = int(footer.type)
+    disk_type = int(footer["type"])
     header: dict[str, Any] = {
         "footer_offset": footer_offset,
-        "features": footer.features,
-        "version": footer.version,
-        "data_offset": footer.data_offset,
-        "timestamp": footer.timestamp,
-        "creator_app": _ascii(footer.creator_app),
-        "creator_version": footer.creator_version,
-        "creator_os": _ascii(footer.creator_os),
-        "orig_size": footer.orig_size,
-        "current_size": footer.current_size,
-        "cyls": footer.cyls,
-        "heads": footer.heads,
-        "secs_per_cyl": footer.secs_per_cyl,
+        "features": footer["features"],
+        "version": footer["version"],
+        "data_offset": footer["data_offset"],
+        "timestamp": footer["timestamp"],
+        "creator_app": _ascii(footer["creator_app"]),
+        "creator_version": footer["creator_version"],
+        "creator_os": _ascii(footer["creator_os"]),
+        "orig_size": footer["orig_size"],
+        "current_size": footer["current_size"],
+        "cyls": footer["cyls"],
+        "heads": footer["heads"],
+        "secs_per_cyl": footer["secs_per_cyl"],
         "type": disk_type,
-        "checksum": footer.checksum,
-        "uuid": str(uuid.UUID(bytes=footer.uuid)),
-        "in_saved_state": footer.in_saved_state,
+        "checksum": footer["checksum"],
+        "uuid": str(uuid.UUID(bytes=footer["uuid"])),
+        "in_saved_state": footer["in_saved_state"],
     }
 
     computed = _checksum(footer_bytes, CHECKSUM_OFFSET_FOOTER)
-    if computed != footer.checksum:
+    if computed != footer["checksum"]:
         # qemu 7.2 refuses the image ("Incorrect header checksum"); older qemu only warned.
         problems.append(
             _refused(
-                f"footer checksum {footer.checksum:#010x} does not match {computed:#010x} "
+                f"footer checksum {footer['checksum']:#010x} does not match {computed:#010x} "
                 "(Incorrect header checksum)",
                 "footer.checksum",
                 footer_offset + CHECKSUM_OFFSET_FOOTER,
             )
         )
-    if footer.features & ~0x3:
+    if footer["features"] & ~0x3:
         problems.append(
             Problem(
                 ProblemKind.UNSUPPORTED,
-                f"unknown feature bits {footer.features & ~0x3:#x}",
+                f"unknown feature bits {footer['features'] & ~0x3:#x}",
                 "footer.features",
                 footer_offset + 8,
             )
         )
-    if footer.in_saved_state:
+    if footer["in_saved_state"]:
         problems.append(
             Problem(
                 ProblemKind.INCONSISTENT,
@@ -253,7 +254,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         format=NAME,
         variant=variant,
         virtual_size=virtual_size,
-        version=footer.version,
+        version=footer["version"],
         # vpc_get_info(): cluster_size is the block size unless footer.type is fixed.
         cluster_size=info.get("block_size") if disk_type != VHD_FIXED else None,
         references=tuple(references),
@@ -295,11 +296,11 @@ def _find_footer(reader: ImageReader) -> tuple[int, bytes]:
 
 def _total_sectors(footer: Any) -> tuple[int, str]:
     """bs->total_sectors exactly as vpc_open() in qemu 7.2 computes it."""
-    total = footer.cyls * footer.heads * footer.secs_per_cyl
-    use_chs = footer.creator_app not in CURRENT_SIZE_CREATORS
+    total = footer["cyls"] * footer["heads"] * footer["secs_per_cyl"]
+    use_chs = footer["creator_app"] not in CURRENT_SIZE_CREATORS
     # force_size (create) and the force_use_chs/force_use_sz runtime options are not in the file.
     if not use_chs or total == VHD_MAX_GEOMETRY:
-        return footer.current_size // 512, "current_size"
+        return footer["current_size"] // 512, "current_size"
     return total, "chs"
 
 
@@ -345,25 +346,25 @@ def _inspect_dynamic(
         )
         data = data.ljust(DYNAMIC_HEADER_SIZE, b"\0")
     dyn = parse_struct(DYNAMIC_HEADER, data, offset=offset, what="dynamic_header")
-    block_size = dyn.block_size
-    max_entries = dyn.max_table_entries
+    block_size = dyn["block_size"]
+    max_entries = dyn["max_table_entries"]
     header.update(
         {
-            "table_offset": dyn.table_offset,
-            "header_version": dyn.header_version,
+            "table_offset": dyn["table_offset"],
+            "header_version": dyn["header_version"],
             "max_table_entries": max_entries,
             "block_size": block_size,
-            "dynamic_header_checksum": dyn.checksum,
-            "parent_uuid": str(uuid.UUID(bytes=dyn.parent_uuid)),
-            "parent_timestamp": dyn.parent_timestamp,
+            "dynamic_header_checksum": dyn["checksum"],
+            "parent_uuid": str(uuid.UUID(bytes=dyn["parent_uuid"])),
+            "parent_timestamp": dyn["parent_timestamp"],
         }
     )
     computed = _checksum(data, CHECKSUM_OFFSET_DYNAMIC)
-    if computed != dyn.checksum:
+    if computed != dyn["checksum"]:
         problems.append(
             Problem(
                 ProblemKind.INCONSISTENT,
-                f"dynamic header checksum {dyn.checksum:#010x} does not match {computed:#010x} "
+                f"dynamic header checksum {dyn['checksum']:#010x} does not match {computed:#010x} "
                 "(qemu 7.2 does not check it)",
                 "dynamic_header.checksum",
                 offset + CHECKSUM_OFFSET_DYNAMIC,
@@ -401,7 +402,7 @@ def _inspect_dynamic(
             )
         )
         return
-    bat_offset = dyn.table_offset
+    bat_offset = dyn["table_offset"]
     bat_length = max_entries * 4
     # qemu allocates the whole BAT (max_table_entries * 4 bytes) and reads it at open.
     tables.append(Table(name="bat", offset=bat_offset, length=bat_length))
@@ -458,7 +459,7 @@ def _parent_references(
     problems: list[Problem],
 ) -> None:
     """The parent's name, UUID and locators: facts, whatever the disk type says."""
-    name = _cstring(dyn.parent_unicode_name.decode("utf-16-be", errors="replace"))
+    name = _cstring(dyn["parent_unicode_name"].decode("utf-16-be", errors="replace"))
     if name:
         references.append(
             Reference(
@@ -468,18 +469,18 @@ def _parent_references(
                 offset + PARENT_NAME_OFFSET,
             )
         )
-    if int(footer.type) == VHD_DIFFERENCING and any(dyn.parent_uuid):
+    if int(footer["type"]) == VHD_DIFFERENCING and any(dyn["parent_uuid"]):
         references.append(
             Reference(
                 ReferenceKind.PARENT_UUID,
-                str(uuid.UUID(bytes=dyn.parent_uuid)),
+                str(uuid.UUID(bytes=dyn["parent_uuid"])),
                 "dynamic_header.parent_uuid",
                 offset + 40,
             )
         )
     budget = LOCATOR_CAP
-    for index, locator in enumerate(dyn.parent_locators):
-        code = locator.platform_code
+    for index, locator in enumerate(dyn["parent_locators"]):
+        code = locator["platform_code"]
         if code == b"\0\0\0\0":
             continue
         field = f"dynamic_header.parent_locators[{index}]"
@@ -495,8 +496,8 @@ def _parent_references(
                 )
             )
             encoding = "utf-8"
-        length = locator.platform_data_length
-        data_offset = locator.platform_data_offset
+        length = locator["platform_data_length"]
+        data_offset = locator["platform_data_offset"]
         if length == 0:
             continue
         if length > budget:
@@ -559,8 +560,18 @@ def _refused(
 
 def _checksum(data: bytes, checksum_offset: int) -> int:
     """vpc_checksum(): one's complement of the byte sum, the checksum field counted as zero."""
-    total = sum(data) - sum(data[checksum_offset : checksum_offset + 4])
+    total = _byte_sum(data) - sum(data[checksum_offset : checksum_offset + 4])
     return ~total & 0xFFFFFFFF
+
+
+def _byte_sum(data: bytes) -> int:
+    """sum(data), in C: Adler-32's A is 1 + the byte sum modulo 65521, and the sum of 256
+    bytes is at most 65280, so for chunks of 256 bytes A - 1 is their exact byte sum."""
+    view = memoryview(data)
+    total = 0
+    for start in range(0, len(data), 256):
+        total += (zlib.adler32(view[start : start + 256]) & 0xFFFF) - 1
+    return total
 
 
 def _u32(data: bytes, offset: int) -> int:
