@@ -20,9 +20,14 @@ from pathlib import Path
 import attrs
 import pytest
 
+import imgguard
 from conftest import QEMU_IMG, qemu_convert, qemu_create, raw_with_data, run_qemu_img
 from imgguard import backend
 from imgguard.backend import ConversionFailed, ConversionTimeout, ImageRejected, Limits
+from imgguard.backend import limits as limits_module
+from imgguard.backend.limits import find_prlimit
+from imgguard.backend.process import run
+from imgguard.backend.qemu import source_spec
 from imgguard.errors import ConfigError
 from imgguard.model import Policy
 
@@ -421,7 +426,14 @@ def test_address_space_limit(tmp_path: Path, destination: Path, megabytes: int) 
     assert "address-space limit" in str(caught.value)
 
 
-def test_limits_are_set_in_the_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("setter", ["prlimit", "python"])
+def test_limits_are_set_in_the_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setter: str
+) -> None:
+    if setter == "python":  # where util-linux prlimit is not installed
+        monkeypatch.setattr(limits_module, "find_prlimit", lambda: None)
+    elif find_prlimit() is None:
+        pytest.skip("prlimit is not installed")
     source = raw_with_data(tmp_path / "d.raw", 1 * MiB)
     report = tmp_path / "limits.txt"
     fake_qemu_img(
@@ -449,7 +461,21 @@ def test_default_and_info_limits() -> None:
     assert sized.timeout == 600 + 120 * 11
     assert backend.NO_LIMITS.wrap(["/bin/true"]) == ["/bin/true"]
     wrapped = backend.INFO_LIMITS.wrap(["/usr/bin/qemu-img", "info"])
-    assert wrapped[0] == sys.executable and wrapped[-2:] == ["/usr/bin/qemu-img", "info"]
+    assert wrapped[-2:] == ["/usr/bin/qemu-img", "info"]
+    prlimit = find_prlimit()
+    if prlimit is None:
+        assert wrapped[0] == sys.executable
+    else:
+        # util-linux prlimit: no Python interpreter to start before qemu-img.
+        assert wrapped == [
+            prlimit,
+            "--cpu=30:31",
+            f"--as={1 << 30}:{1 << 30}",
+            "--core=0:0",
+            "--",
+            "/usr/bin/qemu-img",
+            "info",
+        ]
     with pytest.raises(ConfigError):
         Limits(timeout=0)
     assert attrs.evolve(backend.DEFAULT_LIMITS, timeout=5).timeout == 5
@@ -500,6 +526,105 @@ def test_source_changed_during_conversion_is_discarded(
     fake_qemu_img(tmp_path, monkeypatch, f'printf more >> {source}\nexec {QEMU_IMG} "$@"\n')
     with pytest.raises(ConversionFailed, match="changed while it was being converted"):
         backend.convert(source, destination, "qcow2", sandbox=False)
+
+
+# --- a source swapped between the check and qemu-img ------------------------------------------
+
+CHECKED = b"IMGGUARD-THE-CHECKED-IMAGE:"
+SWAPPED = b"IMGGUARD-THE-SWAPPED-IN-IMAGE:"
+
+
+def swap_images(tmp_path: Path, canary: Path) -> tuple[bytes, Path, Path]:
+    """(the checked image's guest data, the checked qcow2, the qcow2 to swap in for it).
+
+    The swapped-in image is one the check would refuse: 2 MiB, its first 64 KiB its own data,
+    the rest from a backing file (the canary)."""
+    data = (CHECKED * (MiB // len(CHECKED) + 1))[:MiB]
+    (tmp_path / "checked.raw").write_bytes(data)
+    checked = qemu_convert(tmp_path / "checked.raw", tmp_path / "upload.qcow2", "qcow2")
+    with (tmp_path / "swapped.raw").open("wb") as file:
+        file.write((SWAPPED * (64 * 1024 // len(SWAPPED) + 1))[: 64 * 1024])
+        file.truncate(2 * MiB)
+    swapped = qemu_convert(tmp_path / "swapped.raw", tmp_path / "swapped.qcow2", "qcow2")
+    run_qemu_img("rebase", "-u", "-f", "qcow2", "-b", str(canary), "-F", "raw", str(swapped))
+    (tmp_path / "checked.raw").unlink()
+    (tmp_path / "swapped.raw").unlink()
+    return data, checked, swapped
+
+
+def swap_prefix(swapped: Path, checked: Path) -> list[str]:
+    """A command prefix (where Cinder puts `cgexec`) that renames `swapped` over `checked`, then
+    runs the command: the swap lands after imgguard's check, before qemu-img opens anything."""
+    return ["/bin/sh", "-c", 'mv -f -- "$0" "$1" && shift && exec "$@"', str(swapped), str(checked)]
+
+
+def sandbox_mode(mode: bool | str) -> bool | str:
+    if mode is not False:
+        try:
+            backend.sandbox.prepare(mode, backend.find_qemu_img())
+        except backend.SandboxUnavailable as error:
+            pytest.skip(f"{mode} cannot build a sandbox here: {error}")
+    return mode
+
+
+@pytest.mark.parametrize("mode", [False, "bwrap", "unshare"])
+def test_source_swapped_after_the_check_is_never_converted(
+    tmp_path: Path, canary: Path, mode: bool | str
+) -> None:
+    sandbox_mode(mode)
+    data, checked, swapped = swap_images(tmp_path, canary)
+    assert not imgguard.check(swapped).ok  # what an attacker would like converted
+    output = tmp_path / "volume.raw"
+    prefix = swap_prefix(swapped, checked)
+    if mode is False:
+        # qemu-img opens /dev/fd/N, the descriptor imgguard opened, inspected and checked.
+        result = backend.convert(checked, output, "raw", command_prefix=prefix, sandbox=mode)
+        assert result.sandbox == "none"
+        assert output.read_bytes() == data
+    else:
+        # The sandbox binds the checked file only if the path still names it: it refuses.
+        with pytest.raises(ConversionFailed, match="moved or replaced after it was checked"):
+            backend.convert(checked, output, "raw", command_prefix=prefix, sandbox=mode)
+        assert not output.exists()
+    assert not swapped.exists() and SWAPPED in checked.read_bytes()  # the swap did happen
+    assert files_in(tmp_path) - {"volume.raw"} == {"canary.raw", "upload.qcow2"}
+    assert canary_reached(tmp_path, canary) == []
+
+
+@pytest.mark.parametrize("mode", [False, "bwrap", "unshare"])
+def test_source_swapped_before_qemu_img_info(
+    tmp_path: Path, canary: Path, mode: bool | str
+) -> None:
+    sandbox_mode(mode)
+    _, checked, swapped = swap_images(tmp_path, canary)
+    prefix = swap_prefix(swapped, checked)
+    if mode is False:
+        info = backend.qemu_info(checked, command_prefix=prefix, sandbox=mode)
+        assert info.virtual_size == MiB and info.backing_filename is None
+    else:
+        with pytest.raises(backend.QemuImgFailed):
+            backend.qemu_info(checked, command_prefix=prefix, sandbox=mode)
+    assert SWAPPED in checked.read_bytes()
+
+
+def test_a_path_named_after_the_check_converts_the_swapped_image(
+    tmp_path: Path, canary: Path
+) -> None:
+    # What the backend did before it kept the checked file open: name the path on qemu-img's
+    # command line. The same swap then gets the other image converted (so the tests above can
+    # fail).
+    _, checked, swapped = swap_images(tmp_path, canary)
+    assert imgguard.check(checked).ok
+    output = tmp_path / "volume.raw"
+    assert QEMU_IMG is not None
+    flags, name = source_spec("qcow2", str(checked))
+    run(
+        [backend.find_qemu_img(), "convert", *flags, "-O", "raw", name, str(output)],
+        limits=backend.INFO_LIMITS,
+        operation="convert",
+        command_prefix=swap_prefix(swapped, checked),
+    )
+    assert SWAPPED in output.read_bytes()
 
 
 # --- a full filesystem ------------------------------------------------------------------------

@@ -287,19 +287,19 @@ def test_backing_null_connects_nowhere_even_without_the_sandbox(
 
 VIEW_SCRIPT = r"""
 echo "pid $$"
-for path in /etc/passwd /etc/hostname /home /root /run /sys /work "$CANARY"; do
+for path in /etc/passwd /etc/hostname /home /root /run /sys /proc /var /work /dev/shm /dev/pts \
+        /usr/lib/x86_64-linux-gnu/qemu/block-curl.so /usr/lib64/qemu/block-curl.so "$CANARY"; do
     [ -e "$path" ] && echo "visible $path"
 done
-while read -r line; do case "$line" in CapEff*|CapPrm*|NoNewPrivs*) echo "$line";; esac
-done < /proc/self/status
-while read -r line; do case "$line" in *:*) echo "interface ${line%%:*}";; esac
-done < /proc/net/dev
-for entry in /proc/[0-9]*; do echo "process $entry"; done
+for entry in /dev/*; do echo "device $entry"; done
 ( echo x > /images/source ) 2>/dev/null && echo "wrote source"
 ( echo x > /usr/bin/imgguard-probe ) 2>/dev/null && echo "wrote usr"
+( echo x > /usr/lib/imgguard-probe ) 2>/dev/null && echo "wrote lib"
 echo ok > /images/target && echo "wrote target"
 echo ok > /tmp/scratch && echo "wrote tmp"
 echo "cpu $(ulimit -t) as $(ulimit -v)"
+echo ready
+read -r _
 """
 
 
@@ -313,30 +313,61 @@ def test_what_a_program_sees_inside(tmp_path: Path, canary: Path, mechanism: str
     target.write_bytes(b"")
     box.bind(str(target), TARGET_PATH, writable=True)
     argv = box.wrap([shell, "-c", VIEW_SCRIPT], Limits(cpu_seconds=7, address_space=1 << 30))
-    result = subprocess.run(
+    process = subprocess.Popen(
         argv,
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
-        timeout=60,
         env={**box.environment(), "CANARY": str(canary)},
     )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        lines = []
+        while (line := process.stdout.readline()) not in ("", "ready\n"):
+            lines.append(line.rstrip("\n"))
+        # There is no /proc inside: look at the sandboxed shell from the host's.
+        inside = [pid for pid in _our_descendants() if _comm(pid) == os.path.basename(shell)]
+        assert len(inside) == 1, inside
+        status = Path(f"/proc/{inside[0]}/status").read_text().splitlines()
+        interfaces = [
+            line.split(":")[0].strip()
+            for line in Path(f"/proc/{inside[0]}/net/dev").read_text().splitlines()
+            if ":" in line
+        ]
+        process.stdin.write("\n")
+        process.stdin.flush()
+        _, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, errors
     assert "pid 2" in lines  # process 1 is the sandbox's init
     assert [line for line in lines if line.startswith("visible")] == []
-    assert "CapEff:\t0000000000000000" in lines and "CapPrm:\t0000000000000000" in lines
-    assert "NoNewPrivs:\t1" in lines
-    assert [line for line in lines if line.startswith("interface")] == ["interface lo"]
-    assert sorted(line for line in lines if line.startswith("process")) == [
-        "process /proc/1",
-        "process /proc/2",
+    assert sorted(line for line in lines if line.startswith("device")) == [
+        f"device {device}" for device in sorted(sandbox.DEVICES)
     ]
+    assert "CapEff:\t0000000000000000" in status and "CapPrm:\t0000000000000000" in status
+    assert "NoNewPrivs:\t1" in status
+    assert next(line for line in status if line.startswith("NSpid:")).split()[-1] == "2"
+    assert interfaces == ["lo"]
     assert "wrote source" not in lines and "wrote usr" not in lines
+    assert "wrote lib" not in lines
     assert "wrote target" in lines and "wrote tmp" in lines
     assert f"cpu 7 as {(1 << 30) // 1024}" in lines
     assert target.read_text() == "ok\n"
     assert not (tmp_path / "scratch").exists()
+
+
+def _our_descendants() -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _child_of_us(int(pid))]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 # --- the backend with the sandbox on (the default), forced, and off ----------------------------

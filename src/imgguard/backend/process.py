@@ -86,7 +86,9 @@ def run(
     """Run `command` (qemu-img's absolute path first) and return what it printed.
 
     With an active `sandbox` the command runs in it (its paths must be the ones `sandbox.bind`
-    returned); without one, or with `Sandbox("none")`, it runs with the host's view. Raises
+    returned); without one, or with `Sandbox("none")`, it runs with the host's view. The
+    descriptors of `sandbox.bind_fd` are passed to the child (and to `command_prefix`, which
+    must keep them open: `cgexec`, `nice`, `ionice`, `taskset` do; `sudo` does not). Raises
     `error` when it exits non-zero or is killed, `timeout_error` when it runs past
     `limits.timeout`; the process group is dead and reaped when this returns or raises.
     """
@@ -97,6 +99,7 @@ def run(
     else:
         argv = [*command_prefix, *box.wrap(command, limits)]
         environment = box.environment()
+    pass_fds = tuple(sandbox.fds) if sandbox is not None else ()
     shown = tuple(command)
     started = time.monotonic()
     deadline = None if limits.timeout is None else started + limits.timeout
@@ -108,6 +111,7 @@ def run(
             stderr=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
+            pass_fds=pass_fds,
             env=environment,
         )
     except FileNotFoundError as exc:

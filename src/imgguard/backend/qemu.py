@@ -25,11 +25,12 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 from attrs import field, frozen
@@ -239,21 +240,22 @@ def qemu_info(
     else unshare, else `SandboxUnavailable`), "bwrap", "unshare", or False for none.
     """
     source = _absolute(path)
-    info = _inspect(source)
-    verdict = _judge(source, info, policy)
-    read_as = _read_format(info, format)
-    if read_as != "raw":
-        _refuse_followed_references(verdict)
-    qemu_img = find_qemu_img()
-    box = prepare(sandbox, qemu_img)
-    flags, name = source_spec(read_as, box.bind(source, SOURCE_PATH))
-    command = [qemu_img, "info", "--output=json", *flags]
-    if force_share:
-        command.append("--force-share")
-    command.append(name)
-    completed = run(
-        command, limits=limits, operation="info", command_prefix=command_prefix, sandbox=box
-    )
+    with _opened_source(source) as fd:
+        info = _inspect_fd(fd, source)
+        verdict = _judge(source, info, policy)
+        read_as = _read_format(info, format)
+        if read_as != "raw":
+            _refuse_followed_references(verdict)
+        qemu_img = find_qemu_img()
+        box = prepare(sandbox, qemu_img)
+        flags, name = source_spec(read_as, box.bind_fd(fd, SOURCE_PATH))
+        command = [qemu_img, "info", "--output=json", *flags]
+        if force_share:
+            command.append("--force-share")
+        command.append(name)
+        completed = run(
+            command, limits=limits, operation="info", command_prefix=command_prefix, sandbox=box
+        )
     try:
         document = json.loads(completed.stdout)
     except ValueError as error:
@@ -290,25 +292,26 @@ def resize(
     if isinstance(size_gib, bool) or not isinstance(size_gib, int) or size_gib <= 0:
         raise ConfigError(f"must be a whole number of GiB > 0, not {size_gib!r}", key="size_gib")
     source = _absolute(path)
-    info = _inspect(source)
-    verdict = _judge(source, info, policy)
-    _refuse_followed_references(verdict)
-    if format is not None and qemu_format_name(format) != info.format:
-        raise ConfigError(f"{source} is {info.format}, not {format}", key="format")
-    if info.encrypted:
-        raise ConfigError("resizing an encrypted image is not supported", key=source)
-    qemu_img = find_qemu_img()
-    box = prepare(sandbox, qemu_img)
-    flags, name = source_spec(_driver_of(info), box.bind(source, SOURCE_PATH, writable=True))
-    command = [qemu_img, "resize", "-q", *flags]
-    if shrink:
-        command.append("--shrink")
-    command += [name, f"{size_gib}G"]
-    completed = run(
-        command, limits=limits, operation="resize", command_prefix=command_prefix, sandbox=box
-    )
-    log.info("resized %s to %d GiB (sandbox: %s)", source, size_gib, completed.sandbox)
-    return _inspect(source)
+    with _opened_source(source, writable=True) as fd:
+        info = _inspect_fd(fd, source)
+        verdict = _judge(source, info, policy)
+        _refuse_followed_references(verdict)
+        if format is not None and qemu_format_name(format) != info.format:
+            raise ConfigError(f"{source} is {info.format}, not {format}", key="format")
+        if info.encrypted:
+            raise ConfigError("resizing an encrypted image is not supported", key=source)
+        qemu_img = find_qemu_img()
+        box = prepare(sandbox, qemu_img)
+        flags, name = source_spec(_driver_of(info), box.bind_fd(fd, SOURCE_PATH, writable=True))
+        command = [qemu_img, "resize", "-q", *flags]
+        if shrink:
+            command.append("--shrink")
+        command += [name, f"{size_gib}G"]
+        completed = run(
+            command, limits=limits, operation="resize", command_prefix=command_prefix, sandbox=box
+        )
+        log.info("resized %s to %d GiB (sandbox: %s)", source, size_gib, completed.sandbox)
+        return _inspect_fd(fd, source)
 
 
 # --- qemu-img convert ------------------------------------------------------------------------
@@ -447,61 +450,83 @@ def convert(
     )
     if os.path.lexists(destination) and _same_file(source, destination):
         raise ConfigError("the source and the destination are the same file", key=destination)
-    before = _identity(source)
-    verdict = check(source, policy, claimed_format, target_size, convert_to=plan.out_format)
-    if not verdict.ok or verdict.info is None:
-        reasons = () if verdict.info is not None else ("the image could not be inspected",)
-        raise ImageRejected(verdict, reasons)
-    info = verdict.info
-    if info.header.get("container") == "gzip":
-        # Glance's compressed container: qemu-img would copy the gzip bytes as a raw disk.
-        # Decompress next to the destination, then convert that file (checked again).
-        return _convert_decompressed(
-            source,
-            destination,
-            verdict,
-            lambda plain: convert(
-                plain,
-                dst,
-                out_format,
-                policy=policy,
-                claimed_format=claimed_format,
-                target_size=target_size,
-                out_subformat=out_subformat,
-                compress=compress,
-                cache_mode=cache_mode,
-                src_passphrase_file=src_passphrase_file,
-                passphrase_file=passphrase_file,
-                cipher_spec=cipher_spec,
-                progress=progress,
-                limits=limits,
-                command_prefix=command_prefix,
-                sandbox=sandbox,
-            ),
-        )
-    _refuse_followed_references(verdict)
-    _check_source_encryption(verdict, plan)
-    qemu_img = find_qemu_img()
-    box = prepare(sandbox, qemu_img)
-    run_limits = limits.for_size(info.virtual_size)
-    started = time.monotonic()
-    with AtomicOutput(destination) as output:
-        command = _convert_command(qemu_img, box, source, info, output.temp_path, plan)
-        completed = _run_convert(command, run_limits, progress, command_prefix, output, box)
-        try:
-            output.sync()
-        except OSError as error:
-            if error.errno == 28:  # ENOSPC
-                raise _no_space(output.directory, None) from error
-            raise
-        if _identity(source) != before:
-            raise ConversionFailed(
-                f"{source} changed while it was being converted; the output was discarded",
-                command=completed.command,
+
+    def verdict_by_path() -> Verdict:
+        return check(source, policy, claimed_format, target_size, convert_to=plan.out_format)
+
+    # One open file from here on: it is what is checked and what qemu-img converts (bound into
+    # the sandbox, or /dev/fd/N without it), so that renaming another image over `src` after
+    # the check changes nothing.
+    with _opened_source(source, verdict_by_path=verdict_by_path) as fd:
+        before = _identity(fd)
+        verdict = _check_fd(fd, source, policy, claimed_format, target_size, plan.out_format)
+        if not verdict.ok or verdict.info is None:
+            reasons = () if verdict.info is not None else ("the image could not be inspected",)
+            raise ImageRejected(verdict, reasons)
+        info = verdict.info
+        if info.header.get("container") == "gzip":
+            # Glance's compressed container: qemu-img would copy the gzip bytes as a raw disk.
+            # Decompress (from the checked descriptor) next to the destination, then convert
+            # that file (checked again).
+            return _convert_decompressed(
+                source,
+                f"/proc/self/fd/{fd}",
+                destination,
+                verdict,
+                lambda plain: convert(
+                    plain,
+                    dst,
+                    out_format,
+                    policy=policy,
+                    claimed_format=claimed_format,
+                    target_size=target_size,
+                    out_subformat=out_subformat,
+                    compress=compress,
+                    cache_mode=cache_mode,
+                    src_passphrase_file=src_passphrase_file,
+                    passphrase_file=passphrase_file,
+                    cipher_spec=cipher_spec,
+                    progress=progress,
+                    limits=limits,
+                    command_prefix=command_prefix,
+                    sandbox=sandbox,
+                ),
             )
-        result_info = _verify_output(output.temp_path, info, plan, completed.command)
-        output_bytes = os.stat(output.temp_path).st_size
-        output.commit()
+        _refuse_followed_references(verdict)
+        _check_source_encryption(verdict, plan)
+        qemu_img = find_qemu_img()
+        box = prepare(sandbox, qemu_img)
+        run_limits = limits.for_size(info.virtual_size)
+        started = time.monotonic()
+        with AtomicOutput(destination) as output:
+            command = _convert_command(qemu_img, box, fd, info, output.temp_path, plan)
+            try:
+                completed = _run_convert(command, run_limits, progress, command_prefix, output, box)
+            except ConversionFailed as failure:
+                if type(failure) is not ConversionFailed or _names(source, fd):
+                    raise
+                # The sandbox binds the checked file only while `src` still names it.
+                raise ConversionFailed(
+                    f"{source} was moved or replaced after it was checked; qemu-img was not "
+                    f"given the replacement and nothing was written ({failure})",
+                    command=failure.command,
+                    returncode=failure.returncode,
+                    stderr=failure.stderr,
+                ) from failure
+            try:
+                output.sync()
+            except OSError as error:
+                if error.errno == 28:  # ENOSPC
+                    raise _no_space(output.directory, None) from error
+                raise
+            if _identity(fd) != before:
+                raise ConversionFailed(
+                    f"{source} changed while it was being converted; the output was discarded",
+                    command=completed.command,
+                )
+            result_info = _verify_output(output.temp_path, info, plan, completed.command)
+            output_bytes = os.stat(output.temp_path).st_size
+            output.commit()
     seconds = time.monotonic() - started
     result = ConversionResult(
         verdict=verdict,
@@ -628,8 +653,9 @@ def _plan(
 
 
 def _convert_command(
-    qemu_img: str, box: Sandbox, source: str, info: ImageInfo, target: str, plan: _Plan
+    qemu_img: str, box: Sandbox, source: int, info: ImageInfo, target: str, plan: _Plan
 ) -> list[str]:
+    """The convert command line; `source` is the descriptor of the checked source file."""
     command = [qemu_img, "convert", "-p"]
     if plan.cache_mode is not None:
         command += ["-t", plan.cache_mode]
@@ -642,7 +668,7 @@ def _convert_command(
         command += ["--object", f"secret,id={TARGET_SECRET_ID},format=raw,file={_escape(secret)}"]
     # An encrypted source needs its key secret, which only --image-opts or json: can give.
     key = SOURCE_SECRET_ID if info.encrypted else None
-    flags, name = source_spec(driver, box.bind(source, SOURCE_PATH), key_secret=key)
+    flags, name = source_spec(driver, box.bind_fd(source, SOURCE_PATH), key_secret=key)
     command += flags
     command += ["-O", plan.out_format]
     if plan.compress:
@@ -782,11 +808,13 @@ def _no_space(directory: str, failure: ConversionFailed | None) -> NoSpaceLeft:
 
 def _convert_decompressed(
     source: str,
+    read_from: str,
     destination: str,
     verdict: Verdict,
     convert_plain: Callable[[str], ConversionResult],
 ) -> ConversionResult:
-    """Decompress the gzip `source` to a temporary file beside `destination`, convert that with
+    """Decompress the gzip `source` (read as `read_from`: the checked descriptor's
+    /proc/self/fd path) to a temporary file beside `destination`, convert that with
     `convert_plain`, and remove it whatever happens; the result carries the container's
     verdict."""
     from imgguard.compressed import DecompressionFailed, decompress_file
@@ -798,7 +826,7 @@ def _convert_decompressed(
     try:
         started = time.monotonic()
         try:
-            size = decompress_file(source, plain)
+            size = decompress_file(read_from, plain)
         except OSError as error:
             if error.errno == 28:  # ENOSPC
                 raise _no_space(directory, None) from error
@@ -848,8 +876,78 @@ def _secret_file(path: str | os.PathLike[str] | None, key: str) -> str | None:
     return absolute
 
 
-def _inspect(path: str) -> ImageInfo:
-    return inspect(path)
+@contextlib.contextmanager
+def _opened_source(
+    path: str,
+    *,
+    writable: bool = False,
+    verdict_by_path: Callable[[], Verdict] | None = None,
+) -> Iterator[int]:
+    """The source, opened once (O_NOFOLLOW, O_NONBLOCK so that a FIFO cannot block, CLOEXEC)
+    as a regular file; closed on exit.
+
+    When it cannot be opened so, the error is the one a check by path gives: `ImageRejected`
+    with `verdict_by_path()`'s verdict (a symlink, a device, a missing file), else the
+    `ImageError` of inspecting the path, else a `ConfigError`.
+    """
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    problem: str
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        problem = error.strerror or str(error)
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+            return
+        os.close(fd)
+        problem = "not a regular file"
+    if verdict_by_path is not None:
+        verdict = verdict_by_path()
+        if not verdict.ok or verdict.info is None:
+            reasons = () if verdict.info is not None else ("the image could not be inspected",)
+            raise ImageRejected(verdict, reasons)
+    else:
+        inspect(path)  # raises the ImageError a path check gives (unreadable, not regular)
+    mode = "for reading and writing" if writable else "for reading"
+    raise ConfigError(f"cannot open it {mode}: {problem}", key=path)
+
+
+def _source_file(fd: int, path: str) -> BinaryIO:
+    """A binary file object over `fd` (left open) that inspection reports as `path`."""
+    file = os.fdopen(fd, "rb", closefd=False)
+    file.raw.name = path  # type: ignore[attr-defined]
+    return file
+
+
+def _with_actual_size(info: ImageInfo, fd: int) -> ImageInfo:
+    """qemu-img's "actual-size" (allocated bytes), which inspecting a path reports."""
+    return attrs.evolve(info, actual_size=os.fstat(fd).st_blocks * 512)
+
+
+def _inspect_fd(fd: int, path: str) -> ImageInfo:
+    with _source_file(fd, path) as file:
+        return _with_actual_size(inspect(file), fd)
+
+
+def _check_fd(
+    fd: int,
+    path: str,
+    policy: Policy,
+    claimed_format: str | None,
+    target_size: int | None,
+    convert_to: str,
+) -> Verdict:
+    """`check()` of the open source file, as `check(path, ...)` would judge it."""
+    with _source_file(fd, path) as file:
+        verdict = check(file, policy, claimed_format, target_size, convert_to=convert_to)
+    if verdict.info is None or verdict.info.header.get("container") == "gzip":
+        return verdict
+    return attrs.evolve(verdict, info=_with_actual_size(verdict.info, fd))
 
 
 def _judge(path: str, info: ImageInfo, policy: Policy | None) -> Verdict:
@@ -927,12 +1025,18 @@ def _same_file(first: str, second: str) -> bool:
         return False
 
 
-def _identity(path: str) -> tuple[int, int, int, int]:
-    """What must not change between the check and the end of qemu-img's run."""
+def _names(path: str, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd`."""
     try:
-        st = os.stat(path)
+        return os.path.samestat(os.stat(path), os.fstat(fd))
     except OSError:
-        return (0, 0, 0, 0)
+        return False
+
+
+def _identity(fd: int) -> tuple[int, int, int, int]:
+    """What must not change between the check and the end of qemu-img's run: the open file's
+    size and mtime (a write into the very file that was checked; its path no longer matters)."""
+    st = os.fstat(fd)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
