@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests
-.venv/bin/ruff format --check src tests
+.venv/bin/ruff check src tests fuzz bench scripts
+.venv/bin/ruff format --check src tests fuzz bench scripts
 .venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
