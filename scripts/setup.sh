@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 declare -A package_of=(
     [qemu-img]=qemu-utils [genisoimage]=genisoimage [xorriso]=xorriso [sfdisk]=fdisk
-    [sgdisk]=gdisk [isohybrid]=syslinux-utils [bwrap]=bubblewrap
+    [sgdisk]=gdisk [isohybrid]=syslinux-utils [bwrap]=bubblewrap [strace]=strace
 )
 missing=()
 for tool in "${!package_of[@]}"; do
