@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from imgguard.errors import ImageError
+from imgguard.model import ImageInfo
+
 QEMU_IMG = shutil.which("qemu-img")
 
 if QEMU_IMG is None:  # pragma: no cover - CI installs qemu-utils first
@@ -87,6 +90,38 @@ def qemu_convert(
     target.unlink(missing_ok=True)
     run_qemu_img(*args, str(source), str(target))
     return target
+
+
+def qemu_refusal(path: Path, fmt: str) -> str:
+    """qemu-img info's error message; fails the test when qemu opens the image."""
+    assert QEMU_IMG is not None
+    result = subprocess.run(
+        [QEMU_IMG, "info", "-U", "-f", fmt, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode != 0, f"qemu-img opened {path}"
+    return result.stderr
+
+
+def patched(source: Path, target: Path, *patches: tuple[int, bytes]) -> Path:
+    """A copy of `source` at `target` with each `(offset, bytes)` written over it."""
+    data = bytearray(source.read_bytes())
+    for offset, value in patches:
+        data[offset : offset + len(value)] = value
+    target.write_bytes(bytes(data))
+    return target
+
+
+def info_or_image_error(inspect_bytes: Callable[[bytes], ImageInfo], data: bytes) -> None:
+    """Whatever the bytes, inspecting them gives an ImageInfo or raises an ImageError."""
+    try:
+        result = inspect_bytes(data)
+    except ImageError:
+        return
+    assert isinstance(result, ImageInfo)
 
 
 @pytest.fixture

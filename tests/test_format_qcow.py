@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import QEMU_IMG, qemu_convert, qemu_create, qemu_info, raw_with_data
+from conftest import patched, qemu_convert, qemu_create, qemu_info, qemu_refusal, raw_with_data
 from imgguard.errors import ImageError
 from imgguard.formats import qcow
 from imgguard.model import ImageInfo, ProblemKind, ReferenceKind
@@ -19,27 +18,6 @@ from imgguard.reader import ImageReader
 
 def inspect(path: Path) -> ImageInfo:
     return qcow.inspect(ImageReader.from_bytes(path.read_bytes()))
-
-
-def patched(source: Path, target: Path, *patches: tuple[int, bytes]) -> Path:
-    data = bytearray(source.read_bytes())
-    for offset, value in patches:
-        data[offset : offset + len(value)] = value
-    target.write_bytes(bytes(data))
-    return target
-
-
-def qemu_refusal(path: Path) -> str:
-    assert QEMU_IMG is not None
-    result = subprocess.run(
-        [QEMU_IMG, "info", "-U", "-f", "qcow", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode != 0, f"qemu-img opened {path}"
-    return result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +137,7 @@ def test_qemu_refuses_and_imgguard_reports(
     kind: ProblemKind | None,
 ) -> None:
     path = patched(plain, tmp_path / "odd.qcow", patch)
-    assert message in qemu_refusal(path)
+    assert message in qemu_refusal(path, "qcow")
     info = inspect(path)
     problem = next(p for p in info.problems if p.field == field)
     assert problem.kind is (kind or ProblemKind.UNSUPPORTED)
@@ -167,7 +145,7 @@ def test_qemu_refuses_and_imgguard_reports(
 
 def test_backing_name_too_long(tmp_path: Path, with_backing: Path) -> None:
     path = patched(with_backing, tmp_path / "long.qcow", (16, struct.pack(">I", 1024)))
-    assert "Backing file name too long" in qemu_refusal(path)
+    assert "Backing file name too long" in qemu_refusal(path, "qcow")
     info = inspect(path)
     # qemu refuses, but the name is still there for the policy to see.
     assert info.backing_file is not None and info.backing_file.startswith("plain.qcow")
@@ -187,7 +165,7 @@ def test_l1_table_past_end_of_file(tmp_path: Path, plain: Path) -> None:
 @pytest.mark.parametrize("version", [0, 2, 3])
 def test_other_versions(tmp_path: Path, plain: Path, version: int) -> None:
     path = patched(plain, tmp_path / "v.qcow", (4, struct.pack(">I", version)))
-    assert "qcow" in qemu_refusal(path)
+    assert "qcow" in qemu_refusal(path, "qcow")
     info = inspect(path)
     assert info.variant == f"v{version}" and info.virtual_size is None
     assert [p.kind for p in info.problems] == [ProblemKind.UNSUPPORTED]

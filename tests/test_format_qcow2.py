@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import QEMU_IMG, qemu_convert, qemu_create, qemu_info, raw_with_data, run_qemu_img
+from conftest import (
+    patched,
+    qemu_convert,
+    qemu_create,
+    qemu_info,
+    qemu_refusal,
+    raw_with_data,
+    run_qemu_img,
+)
 from imgguard.errors import ImageError
 from imgguard.formats import qcow2
 from imgguard.model import FeatureKind, ImageInfo, ProblemKind, ReferenceKind
@@ -19,28 +26,6 @@ from imgguard.reader import ImageReader, open_image
 
 def inspect(path: Path) -> ImageInfo:
     return qcow2.inspect(ImageReader.from_bytes(path.read_bytes()))
-
-
-def patched(source: Path, target: Path, *patches: tuple[int, bytes]) -> Path:
-    data = bytearray(source.read_bytes())
-    for offset, value in patches:
-        data[offset : offset + len(value)] = value
-    target.write_bytes(bytes(data))
-    return target
-
-
-def qemu_refusal(path: Path, fmt: str = "qcow2") -> str:
-    """qemu-img info's error message; fails the test when qemu opens the image."""
-    assert QEMU_IMG is not None
-    result = subprocess.run(
-        [QEMU_IMG, "info", "-U", "-f", fmt, str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode != 0, f"qemu-img opened {path}"
-    return result.stderr
 
 
 def problem_kinds(info: ImageInfo) -> set[ProblemKind]:
@@ -404,7 +389,7 @@ def test_luks_method_without_encryption_header(tmp_path: Path, plain: Path) -> N
 
 def test_unknown_encryption_method(tmp_path: Path, plain: Path) -> None:
     path = patched(plain, tmp_path / "crypt5.qcow2", (32, u32(5)))
-    assert "Unsupported encryption method 5" in qemu_refusal(path)
+    assert "Unsupported encryption method 5" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     assert info.encrypted
     assert any(
@@ -449,7 +434,7 @@ def test_backing_name_crossing_the_first_cluster(tmp_path: Path, small_clusters:
     path = patched(
         small_clusters, tmp_path / "cross.qcow2", (8, u64(500)), (16, u32(20)), (500, b"x" * 20)
     )
-    assert "Backing file name too long" in qemu_refusal(path)
+    assert "Backing file name too long" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     # qemu refuses, but the name is still reported for the policy to see.
     assert info.backing_file == "x" * 20
@@ -463,7 +448,7 @@ def test_backing_offset_past_the_first_cluster(tmp_path: Path, plain: Path) -> N
     path = patched(plain, tmp_path / "far.qcow2", (8, u64(len(data))), (16, u32(8)))
     with path.open("ab") as file:
         file.write(b"far.img\0")
-    assert "Invalid backing file offset" in qemu_refusal(path)
+    assert "Invalid backing file offset" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     assert info.backing_file == "far.img"
     assert any(p.field == "backing_file_offset" for p in info.problems)
@@ -498,7 +483,7 @@ def test_tables_past_end_of_file_are_reported(tmp_path: Path, plain: Path) -> No
 
 def test_header_length_below_104(tmp_path: Path, plain: Path) -> None:
     path = patched(plain, tmp_path / "short-header.qcow2", (100, u32(96)))
-    assert "header too short" in qemu_refusal(path)
+    assert "header too short" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     assert any(p.field == "header_length" for p in info.problems)
 
@@ -519,7 +504,7 @@ def test_unknown_feature_bits(
     (feature,) = info.features
     assert (feature.name, feature.kind, feature.known) == (name, kind, False)
     if kind is FeatureKind.INCOMPATIBLE:
-        assert "Unsupported qcow2 feature" in qemu_refusal(path)
+        assert "Unsupported qcow2 feature" in qemu_refusal(path, "qcow2")
         assert problem_kinds(info) == {ProblemKind.UNSUPPORTED}
     else:
         qemu_info(path, "qcow2")  # qemu ignores (or clears) these
@@ -540,14 +525,14 @@ def test_unsupported_versions(tmp_path: Path, plain: Path, version: int) -> None
     assert info.variant == f"v{version}"
     assert any(p.kind is ProblemKind.UNSUPPORTED and p.field == "version" for p in info.problems)
     if version > 3:
-        assert "Unsupported qcow2 version" in qemu_refusal(path)
+        assert "Unsupported qcow2 version" in qemu_refusal(path, "qcow2")
         assert info.virtual_size == 1 << 20  # facts read as v3
 
 
 @pytest.mark.parametrize("cluster_bits", [8, 22, 0xFFFFFFFF])
 def test_cluster_bits_out_of_range(tmp_path: Path, plain: Path, cluster_bits: int) -> None:
     path = patched(plain, tmp_path / "bits.qcow2", (20, u32(cluster_bits)))
-    assert "Unsupported cluster size" in qemu_refusal(path)
+    assert "Unsupported cluster size" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     assert info.cluster_size is None
     assert any(p.field == "cluster_bits" for p in info.problems)
@@ -562,7 +547,7 @@ def test_oversized_tables(tmp_path: Path, plain: Path) -> None:
         (60, u32(0xFFFFFFFF)),  # nb_snapshots
         (64, u64(0x50000)),  # snapshots_offset
     )
-    assert "too large" in qemu_refusal(path)
+    assert "too large" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     limits = {p.field for p in info.problems if p.kind is ProblemKind.LIMIT}
     assert limits == {"l1_size", "refcount_table_clusters", "nb_snapshots"}
@@ -573,14 +558,14 @@ def test_oversized_tables(tmp_path: Path, plain: Path) -> None:
 
 def test_l1_table_too_small_for_the_size(tmp_path: Path, plain: Path) -> None:
     path = patched(plain, tmp_path / "bigger.qcow2", (24, u64(1 << 40)))
-    assert "L1 table is too small" in qemu_refusal(path)
+    assert "L1 table is too small" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     assert any(p.field == "l1_size" for p in info.problems)
 
 
 def test_misaligned_table_offset(tmp_path: Path, plain: Path) -> None:
     path = patched(plain, tmp_path / "misaligned.qcow2", (40, u64(0x30008)), (48, u64(0x10008)))
-    assert "offset invalid" in qemu_refusal(path)
+    assert "offset invalid" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     fields = {p.field for p in info.problems if p.kind is ProblemKind.MALFORMED}
     assert fields == {"l1_table_offset", "refcount_table_offset"}
@@ -588,7 +573,7 @@ def test_misaligned_table_offset(tmp_path: Path, plain: Path) -> None:
 
 def test_extension_running_past_its_area(tmp_path: Path, plain: Path) -> None:
     path = patched(plain, tmp_path / "ext.qcow2", (112 + 4, u32(0x100000)))
-    assert "Header extension too large" in qemu_refusal(path)
+    assert "Header extension too large" in qemu_refusal(path, "qcow2")
     info = inspect(path)
     assert any(p.field == "header_extension.len" for p in info.problems)
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import QEMU_IMG, qemu_convert, qemu_create, qemu_info, raw_with_data
+from conftest import patched, qemu_convert, qemu_create, qemu_info, qemu_refusal, raw_with_data
 from imgguard.errors import ImageError
 from imgguard.formats import qed
 from imgguard.model import FeatureKind, ImageInfo, ProblemKind, ReferenceKind
@@ -19,27 +18,6 @@ from imgguard.reader import ImageReader
 
 def inspect(path: Path) -> ImageInfo:
     return qed.inspect(ImageReader.from_bytes(path.read_bytes()))
-
-
-def patched(source: Path, target: Path, *patches: tuple[int, bytes]) -> Path:
-    data = bytearray(source.read_bytes())
-    for offset, value in patches:
-        data[offset : offset + len(value)] = value
-    target.write_bytes(bytes(data))
-    return target
-
-
-def qemu_refusal(path: Path) -> str:
-    assert QEMU_IMG is not None
-    result = subprocess.run(
-        [QEMU_IMG, "info", "-U", "-f", "qed", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode != 0, f"qemu-img opened {path}"
-    return result.stderr
 
 
 def u32(value: int) -> bytes:
@@ -142,7 +120,7 @@ def test_image_with_guest_data(tmp_path: Path) -> None:
 def test_table_size_one_is_refused_by_qemu_7_2(tmp_path: Path) -> None:
     # qemu-img creates it, then its own table offset check rejects every one-cluster table.
     path = qemu_create(tmp_path / "t1.qed", "qed", "1M", ["table_size=1"])
-    assert "table offset is invalid" in qemu_refusal(path)
+    assert "table offset is invalid" in qemu_refusal(path, "qed")
     info = inspect(path)
     assert [(p.kind, p.field) for p in info.problems] == [(ProblemKind.UNSUPPORTED, "table_size")]
 
@@ -172,7 +150,7 @@ def test_qemu_refuses_and_imgguard_reports(
     kind: ProblemKind | None,
 ) -> None:
     path = patched(plain, tmp_path / "odd.qed", patch)
-    assert message in qemu_refusal(path)
+    assert message in qemu_refusal(path, "qed")
     info = inspect(path)
     problem = next(p for p in info.problems if p.field == field)
     assert problem.kind is (kind or ProblemKind.MALFORMED)
@@ -180,7 +158,7 @@ def test_qemu_refuses_and_imgguard_reports(
 
 def test_backing_filename_outside_the_header(tmp_path: Path, with_backing: Path) -> None:
     path = patched(with_backing, tmp_path / "out.qed", (56, u32(65530)))
-    assert "backing filename offset is invalid" in qemu_refusal(path)
+    assert "backing filename offset is invalid" in qemu_refusal(path, "qed")
     info = inspect(path)
     assert any(p.field == "backing_filename_offset" for p in info.problems)
 
@@ -190,7 +168,7 @@ def test_header_bytes_are_computed_in_32_bits_as_qemu_does(
 ) -> None:
     # 64 KiB clusters x 65536 header clusters = 2^32, which qemu's uint32 product wraps to 0.
     path = patched(with_backing, tmp_path / "wrap.qed", (12, u32(65536)))
-    qemu_refusal(path)
+    qemu_refusal(path, "qed")
     info = inspect(path)
     backing = next(p for p in info.problems if p.field == "backing_filename_offset")
     assert "0-byte header" in backing.message

@@ -12,6 +12,7 @@ from __future__ import annotations
 from construct import Bytes, Int32ul, Int64ul, Struct, Switch, this
 
 from imgguard.errors import MalformedImage
+from imgguard.formats._common import probe_buffer, refused, zero_filled_header
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind, Table
 from imgguard.reader import ImageReader, parse_struct
@@ -65,12 +66,6 @@ def _cstring_is(field: bytes, expected: bytes) -> bool:
     return field[: len(expected) + 1] == expected + b"\0"
 
 
-def _probe_buffer(reader: ImageReader) -> bytes:
-    # qemu probes a 2048-byte buffer zero-filled past the end of the file.
-    head = reader.head[:2048]
-    return head + bytes(2048 - len(head))
-
-
 def _is_bochs(buf: bytes) -> bool:
     version = int.from_bytes(buf[64:68], "little")
     return (
@@ -83,24 +78,12 @@ def _is_bochs(buf: bytes) -> bool:
 
 def probe(reader: ImageReader) -> int:
     # bochs_probe(): magic, type "Redolog", subtype "Growing" and version 1 or 2 score 100.
-    return 100 if _is_bochs(_probe_buffer(reader)) else 0
+    return 100 if _is_bochs(probe_buffer(reader)) else 0
 
 
 def inspect(reader: ImageReader) -> ImageInfo:
     problems: list[Problem] = []
-    raw = reader.head[:HEADER_SIZE]
-    if len(raw) < HEADER_SIZE:
-        # bdrv_pread() past the end of the file reads zeros; qemu opens such a stub.
-        problems.append(
-            Problem(
-                ProblemKind.TRUNCATED,
-                f"the {HEADER_SIZE}-byte header is cut short at {len(raw)} bytes; qemu reads "
-                "the missing bytes as zeros",
-                field="header",
-                offset=len(raw),
-            )
-        )
-        raw += bytes(HEADER_SIZE - len(raw))
+    raw = zero_filled_header(reader, HEADER_SIZE, problems)
     if not _is_bochs(raw):
         # bochs_open(): "Image not in Bochs format".
         raise MalformedImage(
@@ -114,7 +97,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     virtual_size = total_sectors * SECTOR
     if virtual_size > BDRV_MAX_LENGTH:
         problems.append(
-            _refused(
+            refused(
                 f"disk size {disk} is over qemu's maximum of {BDRV_MAX_LENGTH}", "disk", disk_offset
             )
         )
@@ -133,7 +116,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     tables: list[Table] = []
     if catalog > MAX_CATALOG:
         problems.append(
-            _refused(
+            refused(
                 f"catalog {catalog} is over {MAX_CATALOG} entries (Catalog size is too large)",
                 "catalog",
                 72,
@@ -164,11 +147,11 @@ def inspect(reader: ImageReader) -> ImageInfo:
     extent: int = header.extent
     extent_ok = False
     if extent < SECTOR:
-        problems.append(_refused(f"extent {extent} is under 512", "extent", 80))
+        problems.append(refused(f"extent {extent} is under 512", "extent", 80))
     elif extent & (extent - 1):
-        problems.append(_refused(f"extent {extent} is not a power of two", "extent", 80))
+        problems.append(refused(f"extent {extent} is not a power of two", "extent", 80))
     elif extent > MAX_EXTENT:
-        problems.append(_refused(f"extent {extent} is over {MAX_EXTENT}", "extent", 80))
+        problems.append(refused(f"extent {extent} is over {MAX_EXTENT}", "extent", 80))
     else:
         extent_ok = True
     if extent_ok and catalog <= MAX_CATALOG:
@@ -176,7 +159,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         needed = -(-total_sectors // per_extent)
         if catalog < needed:
             problems.append(
-                _refused(
+                refused(
                     f"catalog {catalog} is too small for {needed} extents of the disk size",
                     "catalog",
                     72,
@@ -199,12 +182,6 @@ def inspect(reader: ImageReader) -> ImageInfo:
             "extent": extent,
             "disk": disk,
         },
-    )
-
-
-def _refused(message: str, field: str, offset: int) -> Problem:
-    return Problem(
-        ProblemKind.MALFORMED, f"qemu refuses to open the image: {message}", field, offset
     )
 
 

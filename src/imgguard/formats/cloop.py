@@ -12,6 +12,7 @@ import struct
 from construct import Bytes, Int32ub, Struct
 
 from imgguard.errors import MalformedImage
+from imgguard.formats._common import refused
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind, Table
 from imgguard.reader import MAX_REGION, ImageReader, parse_struct
@@ -72,24 +73,24 @@ def inspect(reader: ImageReader) -> ImageInfo:
     usable = True
     if block_size % SECTOR:
         problems.append(
-            _refused(
+            refused(
                 f"block_size {block_size} is not a multiple of 512", "block_size", PREAMBLE_SIZE
             )
         )
         usable = False
     elif block_size == 0:
-        problems.append(_refused("block_size is 0", "block_size", PREAMBLE_SIZE))
+        problems.append(refused("block_size is 0", "block_size", PREAMBLE_SIZE))
         usable = False
     elif block_size > MAX_BLOCK_SIZE:
         problems.append(
-            _refused(f"block_size {block_size} is over 64 MiB", "block_size", PREAMBLE_SIZE)
+            refused(f"block_size {block_size} is over 64 MiB", "block_size", PREAMBLE_SIZE)
         )
         usable = False
 
     tables: list[Table] = []
     if n_blocks > (UINT32_MAX - 1) // 8:
         problems.append(
-            _refused(
+            refused(
                 f"n_blocks {n_blocks} overflows the offsets table size",
                 "n_blocks",
                 PREAMBLE_SIZE + 4,
@@ -97,7 +98,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
     elif (n_blocks + 1) * 8 > MAX_OFFSETS_SIZE:
         problems.append(
-            _refused(
+            refused(
                 f"n_blocks {n_blocks} needs an offsets table over 512 MiB",
                 "n_blocks",
                 PREAMBLE_SIZE + 4,
@@ -167,12 +168,12 @@ def _check_offsets(reader: ImageReader, n_blocks: int, problems: list[Problem]) 
         where = HEADER_SIZE + index * 8
         if current < previous:
             problems.append(
-                _refused(f"offsets not monotonically increasing at index {index}", "offsets", where)
+                refused(f"offsets not monotonically increasing at index {index}", "offsets", where)
             )
             return
         if current - previous > 2 * MAX_BLOCK_SIZE:
             problems.append(
-                _refused(f"invalid compressed block size at index {index}", "offsets", where)
+                refused(f"invalid compressed block size at index {index}", "offsets", where)
             )
             return
     if readable == count and offsets[-1] > reader.size:
@@ -185,12 +186,6 @@ def _check_offsets(reader: ImageReader, n_blocks: int, problems: list[Problem]) 
                 offset=HEADER_SIZE + (count - 1) * 8,
             )
         )
-
-
-def _refused(message: str, field: str, offset: int) -> Problem:
-    return Problem(
-        ProblemKind.MALFORMED, f"qemu refuses to open the image: {message}", field, offset
-    )
 
 
 DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)

@@ -21,6 +21,7 @@ from typing import Any
 from construct import Bytes, Const, Int32ub, Int64ub, Struct
 
 from imgguard.errors import MalformedImage
+from imgguard.formats._common import refused
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind, Table
 from imgguard.reader import MAX_REGION, ImageReader, parse_struct
@@ -240,7 +241,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
 
     refusal = _open_checks(koly, koly_offset, at)
     if refusal is None and virtual_size > BDRV_MAX_LENGTH:
-        refusal = _refused(
+        refusal = refused(
             f"sector_count {sector_count} is over qemu's maximum size",
             "koly.sector_count",
             at("sector_count"),
@@ -282,7 +283,7 @@ _KOLY_OFFSETS = {
 def _open_checks(koly: Any, koly_offset: int, at: Callable[[str], int]) -> Problem | None:
     """The trailer checks of dmg_open(), in its order; the first failure stops qemu."""
     if koly.data_fork_offset > koly_offset:
-        return _refused(
+        return refused(
             "data_fork_offset is past the trailer", "koly.data_fork_offset", at("data_fork_offset")
         )
     if (
@@ -290,21 +291,21 @@ def _open_checks(koly: Any, koly_offset: int, at: Callable[[str], int]) -> Probl
         or koly.rsrc_fork_length > koly_offset - koly.rsrc_fork_offset
     ):
         # Checked even when rsrc_fork_length is 0.
-        return _refused(
+        return refused(
             "the resource fork does not end before the trailer",
             "koly.rsrc_fork_offset",
             at("rsrc_fork_offset"),
         )
     if koly.xml_offset >= koly_offset or koly.xml_length > koly_offset - koly.xml_offset:
-        return _refused(
+        return refused(
             "the XML plist does not end before the trailer", "koly.xml_offset", at("xml_offset")
         )
     if koly.sector_count >= 1 << 63:
-        return _refused(
+        return refused(
             "sector_count is negative as an int64", "koly.sector_count", at("sector_count")
         )
     if not koly.rsrc_fork_length and not koly.xml_length:
-        return _refused(
+        return refused(
             "neither a resource fork nor an XML plist", "koly.xml_length", at("xml_length")
         )
     return None
@@ -336,7 +337,7 @@ class _MishWalk:
 
     def _fail(self, message: str, field: str, offset: int | None) -> None:
         self.failed = True
-        self.problems.append(_refused(message, field, offset))
+        self.problems.append(refused(message, field, offset))
 
     def _truncated(self, what: str, offset: int, length: int) -> None:
         if offset + length > self.reader.size:
@@ -510,12 +511,6 @@ def _glib_base64_decode(text: bytes) -> bytes:
         start = index + 1
     pieces.append(decoded[start:])
     return b"".join(pieces)
-
-
-def _refused(message: str, field: str, offset: int | None) -> Problem:
-    return Problem(
-        ProblemKind.MALFORMED, f"qemu refuses to open the image: {message}", field, offset
-    )
 
 
 # A dmg's data fork starts at offset 0: a partition table found there is the guest's.

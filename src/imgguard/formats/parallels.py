@@ -16,6 +16,7 @@ from typing import Any
 from construct import Bytes, Int32ul, Int64ul, OneOf, Struct
 
 from imgguard.errors import MalformedImage
+from imgguard.formats._common import probe_buffer, refused, zero_filled_header
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import Feature, FeatureKind, ImageInfo, Problem, ProblemKind, Table
 from imgguard.reader import ImageReader, parse_struct
@@ -82,16 +83,9 @@ DIRTY_BITMAP_FEATURE = Struct(
 )
 
 
-def _probe_buffer(reader: ImageReader) -> bytes:
-    # qemu probes a 2048-byte buffer read with zero fill past the end of the file
-    # (find_image_format() allows reads beyond EOF), so short files compare against zeros.
-    head = reader.head[:2048]
-    return head + bytes(2048 - len(head))
-
-
 def probe(reader: ImageReader) -> int:
     # parallels_probe(): either magic and version 2 scores 100.
-    buf = _probe_buffer(reader)
+    buf = probe_buffer(reader)
     if buf[:16] in (HEADER_MAGIC, HEADER_MAGIC2) and buf[16:20] == b"\x02\x00\x00\x00":
         return 100
     return 0
@@ -99,19 +93,7 @@ def probe(reader: ImageReader) -> int:
 
 def inspect(reader: ImageReader) -> ImageInfo:
     problems: list[Problem] = []
-    raw = reader.head[:HEADER_SIZE]
-    if len(raw) < HEADER_SIZE:
-        # bdrv_pread() past the end of the file returns zeros, so qemu opens such a stub.
-        problems.append(
-            Problem(
-                ProblemKind.TRUNCATED,
-                f"the {HEADER_SIZE}-byte header is cut short at {len(raw)} bytes; qemu reads "
-                "the missing bytes as zeros",
-                field="header",
-                offset=len(raw),
-            )
-        )
-        raw += bytes(HEADER_SIZE - len(raw))
+    raw = zero_filled_header(reader, HEADER_SIZE, problems)
     header = parse_struct(_PARALLELS_HEADER_PARSER, raw, offset=0, what="header")
     if header["version"] != HEADER_VERSION:
         # parallels_open(): "Image not in Parallels format".
@@ -151,16 +133,16 @@ def inspect(reader: ImageReader) -> ImageInfo:
 
     cluster_size: int | None = tracks * SECTOR
     if tracks == 0:
-        problems.append(_refused("tracks is 0 (Zero sectors per track)", "tracks", 28))
+        problems.append(refused("tracks is 0 (Zero sectors per track)", "tracks", 28))
         cluster_size = None
     elif tracks > INT32_MAX // 513:
-        problems.append(_refused(f"tracks {tracks} is too big (Too big cluster)", "tracks", 28))
+        problems.append(refused(f"tracks {tracks} is too big (Too big cluster)", "tracks", 28))
 
     tables: list[Table] = []
     bat_bytes = bat_entries * 4
     if bat_entries > INT_MAX // 4:
         problems.append(
-            _refused(
+            refused(
                 f"bat_entries {bat_entries} is over INT_MAX / 4 (Catalog too large)",
                 "bat_entries",
                 32,
@@ -289,12 +271,6 @@ def inspect(reader: ImageReader) -> ImageInfo:
     )
 
 
-def _refused(message: str, field: str, offset: int) -> Problem:
-    return Problem(
-        ProblemKind.MALFORMED, f"qemu refuses to open the image: {message}", field, offset
-    )
-
-
 def _check_header_read(header: Any, bat_entries: int, problems: list[Problem]) -> None:
     """parallels_open() reads header + BAT in one bdrv_pread(); mirror its size arithmetic."""
     size = HEADER_SIZE + 4 * bat_entries
@@ -306,7 +282,7 @@ def _check_header_read(header: Any, bat_entries: int, problems: list[Problem]) -
         header_size = size
     if header_size > BDRV_REQUEST_MAX_BYTES:
         problems.append(
-            _refused(
+            refused(
                 f"header and BAT need a {header_size}-byte read, over the block layer's "
                 f"maximum of {BDRV_REQUEST_MAX_BYTES}",
                 "bat_entries",
@@ -330,7 +306,7 @@ def _inspect_extension(
     signed = offset & ((1 << 64) - 1)
     if signed == 0 or signed >= 1 << 63:
         # qemu passes `ext_off << 9` as an int64_t and asserts it is > 0: qemu-img aborts.
-        problems.append(_refused(f"ext_off {ext_off} overflows a byte offset", "ext_off", 56))
+        problems.append(refused(f"ext_off {ext_off} overflows a byte offset", "ext_off", 56))
         return
     cluster = tracks * SECTOR
     if cluster == 0:
@@ -361,20 +337,20 @@ def _inspect_extension(
     if cluster < EXT_HEADER.sizeof():
         # qemu would memcpy past its buffer; nothing sane can be said.
         problems.append(
-            _refused("Format Extension cluster is smaller than its header", "ext_off", 56)
+            refused("Format Extension cluster is smaller than its header", "ext_off", 56)
         )
         return
     ext = parse_struct(EXT_HEADER, data[:24], offset=offset, what="format_extension")
     if ext["magic"] != PARALLELS_FORMAT_EXTENSION_MAGIC:
         problems.append(
-            _refused(
+            refused(
                 f"wrong Format Extension magic {ext['magic']:#x}", "format_extension.magic", offset
             )
         )
         return
     if hashlib.md5(data[24:], usedforsecurity=False).digest() != ext["check_sum"]:
         problems.append(
-            _refused("wrong Format Extension checksum", "format_extension.check_sum", offset + 8)
+            refused("wrong Format Extension checksum", "format_extension.check_sum", offset + 8)
         )
         return
     names: list[str] = []
@@ -383,7 +359,7 @@ def _inspect_extension(
     while True:
         if cluster - pos < FEATURE_HEADER.sizeof():
             problems.append(
-                _refused(
+                refused(
                     "Format Extension ends without an end-of-features marker",
                     "format_extension",
                     offset + pos,
@@ -397,15 +373,13 @@ def _inspect_extension(
         pos += 24
         if fh["flags"]:
             problems.append(
-                _refused(
-                    "Format Extension feature flags are set", "feature_header.flags", where + 8
-                )
+                refused("Format Extension feature flags are set", "feature_header.flags", where + 8)
             )
             break
         data_size = -(-fh["data_size"] // 8) * 8
         if data_size > cluster - pos:
             problems.append(
-                _refused(
+                refused(
                     "feature data_size exceeds the Format Extension cluster",
                     "feature_header.data_size",
                     where + 16,
@@ -416,7 +390,7 @@ def _inspect_extension(
             break
         if fh["magic"] != PARALLELS_DIRTY_BITMAP_FEATURE_MAGIC:
             problems.append(
-                _refused(
+                refused(
                     f"unknown Format Extension feature {fh['magic']:#x}",
                     "feature_header.magic",
                     where,
@@ -442,12 +416,12 @@ def _check_bitmap(
 ) -> None:
     """The header checks of parallels_load_bitmap()."""
     if data_size < DIRTY_BITMAP_FEATURE.sizeof():
-        problems.append(_refused("dirty bitmap feature is too small", "dirty_bitmap", where))
+        problems.append(refused("dirty bitmap feature is too small", "dirty_bitmap", where))
         return
     bf = parse_struct(DIRTY_BITMAP_FEATURE, data[:32], offset=where, what="dirty_bitmap")
     if bf["size"] != total_sectors:
         problems.append(
-            _refused(
+            refused(
                 f"dirty bitmap size {bf['size']} differs from nb_sectors",
                 "dirty_bitmap.size",
                 where,
@@ -456,7 +430,7 @@ def _check_bitmap(
     granularity = bf["granularity"] * SECTOR
     if granularity < SECTOR or granularity > 0xFFFFFFFF or granularity & (granularity - 1):
         problems.append(
-            _refused(
+            refused(
                 f"dirty bitmap granularity {granularity} is not a power of two of at least 512",
                 "dirty_bitmap.granularity",
                 where + 24,
@@ -464,7 +438,7 @@ def _check_bitmap(
         )
     if bf["l1_size"] * 8 > data_size - DIRTY_BITMAP_FEATURE.sizeof():
         problems.append(
-            _refused(
+            refused(
                 "dirty bitmap L1 table exceeds the feature data", "dirty_bitmap.l1_size", where + 28
             )
         )

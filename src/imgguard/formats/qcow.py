@@ -12,12 +12,11 @@ from typing import Any
 
 from construct import Const, Enum, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
-from imgguard.errors import TruncatedImage
+from imgguard.formats._common import Problems, c_string, fixed_header
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import (
     Encryption,
     ImageInfo,
-    Problem,
     ProblemKind,
     Reference,
     ReferenceKind,
@@ -70,23 +69,14 @@ def probe(reader: ImageReader) -> int:
 
 
 def inspect(reader: ImageReader) -> ImageInfo:
-    if reader.size < HEADER_SIZE:
-        raise TruncatedImage(
-            f"the qcow header needs {HEADER_SIZE} bytes, the file has {reader.size}",
-            field="header",
-            offset=0,
-        )
-    header = parse_struct(HEADER, reader.head[:HEADER_SIZE], offset=0, what="header")
-    problems: list[Problem] = []
-
-    def problem(kind: ProblemKind, message: str, field: str, offset: int) -> None:
-        problems.append(Problem(kind=kind, message=message, field=field, offset=offset))
-
+    raw_header = fixed_header(reader, HEADER_SIZE, "qcow")
+    header = parse_struct(HEADER, raw_header, offset=0, what="header")
+    problems = Problems()
     version: int = header["version"]
     facts: dict[str, Any] = {"version": version}
     if version != QCOW_VERSION:
         hint = " (versions 2 and 3 are qcow2)" if version in (2, 3) else ""
-        problem(
+        problems.add(
             ProblemKind.UNSUPPORTED,
             f"qcow version {version} is not 1; qemu's qcow driver refuses it{hint}",
             "version",
@@ -117,7 +107,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     )
 
     if size <= 1:
-        problem(
+        problems.add(
             ProblemKind.MALFORMED,
             f"image size {size} is too small (qemu: must be at least 2 bytes)",
             "size",
@@ -125,7 +115,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
     cluster_valid = MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
     if not cluster_valid:
-        problem(
+        problems.add(
             ProblemKind.MALFORMED,
             f"cluster size 2^{cluster_bits} is not between 512 and 64k",
             "cluster_bits",
@@ -133,7 +123,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
     l2_valid = MIN_L2_BITS <= l2_bits <= MAX_L2_BITS
     if not l2_valid:
-        problem(
+        problems.add(
             ProblemKind.MALFORMED,
             f"L2 table size 2^{l2_bits} entries is not between 512 bytes and 64k",
             "l2_bits",
@@ -147,7 +137,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
             method="aes", format="aes", cipher_name="aes", cipher_mode="cbc-plain64", key_bytes=16
         )
     elif crypt_method != CRYPT_NONE:
-        problem(
+        problems.add(
             ProblemKind.UNSUPPORTED,
             f"unknown encryption method {crypt_method} (qemu: invalid encryption method)",
             "crypt_method",
@@ -161,12 +151,12 @@ def inspect(reader: ImageReader) -> ImageInfo:
         # The L1 table covers the virtual size; qemu allocates and reads it whole.
         shift = cluster_bits + l2_bits
         if size > UINT64_MAX - (1 << shift):
-            problem(ProblemKind.LIMIT, f"image size {size} is too large", "size", 24)
+            problems.add(ProblemKind.LIMIT, f"image size {size} is too large", "size", 24)
         else:
             l1_size = (size + (1 << shift) - 1) >> shift
             facts["l1_size"] = l1_size
             if l1_size > INT_MAX // 8:
-                problem(
+                problems.add(
                     ProblemKind.LIMIT,
                     f"image size {size} needs {l1_size} L1 entries (qemu: image too large)",
                     "size",
@@ -176,7 +166,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 length = l1_size * 8
                 tables.append(Table(name="l1_table", offset=l1_table_offset, length=length))
                 if l1_table_offset + length > reader.size:
-                    problem(
+                    problems.add(
                         ProblemKind.TRUNCATED,
                         f"l1_table ({length} bytes at {l1_table_offset:#x}) runs past the end "
                         f"of the file at {reader.size:#x} (qemu reads zeros there)",
@@ -184,7 +174,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                         40,
                     )
                 if l1_table_offset < HEADER_SIZE:
-                    problem(
+                    problems.add(
                         ProblemKind.INCONSISTENT,
                         f"l1_table at {l1_table_offset:#x} overlaps the header",
                         "l1_table_offset",
@@ -197,7 +187,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     backing_file_size: int = header["backing_file_size"]
     if backing_file_offset:
         if backing_file_size > MAX_BACKING_FILE_SIZE:
-            problem(
+            problems.add(
                 ProblemKind.LIMIT,
                 f"backing file name of {backing_file_size} bytes is over qemu's limit of "
                 f"{MAX_BACKING_FILE_SIZE} (qemu: backing file name too long)",
@@ -207,7 +197,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         wanted = min(backing_file_size, 4096)
         raw = reader.read_available(backing_file_offset, wanted, field="backing_file_name")
         if len(raw) < wanted:
-            problem(
+            problems.add(
                 ProblemKind.TRUNCATED,
                 f"the backing file name ({backing_file_size} bytes at {backing_file_offset:#x}) "
                 "runs past the end of the file (qemu reads zeros there)",
@@ -215,14 +205,14 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 8,
             )
         if backing_file_offset < HEADER_SIZE:
-            problem(
+            problems.add(
                 ProblemKind.INCONSISTENT,
                 f"the backing file name at {backing_file_offset:#x} overlaps the header",
                 "backing_file_offset",
                 8,
             )
         # qemu NUL-terminates what it read and copies it as a C string.
-        name = raw.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
+        name = c_string(raw)
         if name:
             backing_file = name
             references.append(
@@ -234,7 +224,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 )
             )
         elif backing_file_size:
-            problem(
+            problems.add(
                 ProblemKind.INCONSISTENT,
                 "the backing file name is empty (starts with NUL); qemu sees no backing file",
                 "backing_file_offset",

@@ -23,6 +23,7 @@ from typing import Any
 from construct import Const, Enum, Int32ub, Int64ub, Struct
 
 from imgguard.errors import ImageError, LimitExceeded, TruncatedImage
+from imgguard.formats._common import c_string
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import (
     Encryption,
@@ -667,7 +668,7 @@ class _Inspection:
                 offset,
             )
         raw = self._read_padded(offset, min(length, NAME_READ_CAP), "backing_format")
-        self.backing_format = _c_string(raw)
+        self.backing_format = c_string(raw)
 
     def _data_file_extension(self, offset: int, length: int) -> None:
         if length > NAME_READ_CAP:
@@ -678,7 +679,7 @@ class _Inspection:
                 offset,
             )
         raw = self._read_padded(offset, min(length, NAME_READ_CAP), "external_data_file_name")
-        name = _c_string(raw)
+        name = c_string(raw)
         # An empty name is what qemu keeps too (and then asks for a data-file option).
         self.data_file = name or None
         if name:
@@ -884,7 +885,7 @@ class _Inspection:
                 "backing_file_offset",
                 8,
             )
-        name = _c_string(raw)
+        name = c_string(raw)
         if not name:
             if size:
                 self.problem(
@@ -968,11 +969,6 @@ class _Inspection:
                     ext_offset + 8,
                 )
         return luks.encryption
-
-
-def _c_string(raw: bytes) -> str:
-    """A name as qemu sees it: a C string, cut at the first NUL."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
 
 
 DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise)

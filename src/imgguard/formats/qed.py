@@ -12,13 +12,12 @@ from typing import Any
 
 from construct import Const, Int32ul, Int64ul, Struct
 
-from imgguard.errors import TruncatedImage
+from imgguard.formats._common import Problems, c_string, fixed_header
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import (
     Feature,
     FeatureKind,
     ImageInfo,
-    Problem,
     ProblemKind,
     Reference,
     ReferenceKind,
@@ -81,18 +80,9 @@ def _max_image_size(cluster_size: int, table_size: int) -> int:
 
 
 def inspect(reader: ImageReader) -> ImageInfo:
-    if reader.size < HEADER_SIZE:
-        raise TruncatedImage(
-            f"the QED header needs {HEADER_SIZE} bytes, the file has {reader.size}",
-            field="header",
-            offset=0,
-        )
-    h = parse_struct(HEADER, reader.head[:HEADER_SIZE], offset=0, what="header")
-    problems: list[Problem] = []
-
-    def problem(kind: ProblemKind, message: str, field: str, offset: int) -> None:
-        problems.append(Problem(kind=kind, message=message, field=field, offset=offset))
-
+    raw_header = fixed_header(reader, HEADER_SIZE, "QED")
+    h = parse_struct(HEADER, raw_header, offset=0, what="header")
+    problems = Problems()
     cluster_size: int = h["cluster_size"]
     table_size: int = h["table_size"]
     header_size: int = h["header_size"]
@@ -132,7 +122,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 )
             )
     if features_value & ~QED_FEATURE_MASK:
-        problem(
+        problems.add(
             ProblemKind.UNSUPPORTED,
             f"unknown feature bits {features_value & ~QED_FEATURE_MASK:#x} (qemu refuses them)",
             "features",
@@ -142,7 +132,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     # The checks of bdrv_qed_do_open(), in its order.
     cluster_valid = _power_of_two_in(cluster_size, QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE)
     if not cluster_valid:
-        problem(
+        problems.add(
             ProblemKind.MALFORMED,
             f"cluster size {cluster_size} is not a power of 2 from 4 KiB to 64 MiB",
             "cluster_size",
@@ -150,14 +140,14 @@ def inspect(reader: ImageReader) -> ImageInfo:
         )
     table_valid = _power_of_two_in(table_size, QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE)
     if not table_valid:
-        problem(
+        problems.add(
             ProblemKind.MALFORMED,
             f"table size {table_size} is not a power of 2 from 1 to 16 clusters",
             "table_size",
             8,
         )
     if image_size % 512:
-        problem(
+        problems.add(
             ProblemKind.MALFORMED,
             f"image size {image_size} is not a multiple of 512",
             "image_size",
@@ -169,7 +159,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         max_size = _max_image_size(cluster_size, table_size)
         facts["max_image_size"] = max_size
         if image_size > max_size:
-            problem(
+            problems.add(
                 ProblemKind.LIMIT,
                 f"image size {image_size} is over the {max_size} bytes the tables can map",
                 "image_size",
@@ -178,7 +168,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         length = table_size * cluster_size
         tables.append(Table(name="l1_table", offset=l1_table_offset, length=length))
         _check_table_offset(
-            reader.size, l1_table_offset, cluster_size, table_size, header_size, problem
+            reader.size, l1_table_offset, cluster_size, table_size, header_size, problems
         )
 
     references: list[Reference] = []
@@ -189,7 +179,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         # qemu compares against cluster_size * header_size computed in 32 bits (it wraps).
         header_bytes = (cluster_size * header_size) & U32
         if offset + size > header_bytes:
-            problem(
+            problems.add(
                 ProblemKind.MALFORMED,
                 f"backing filename ({size} bytes at {offset:#x}) does not lie in the "
                 f"{header_bytes}-byte header (qemu: backing filename offset is invalid)",
@@ -197,7 +187,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 56,
             )
         if size >= BACKING_FILE_BUFFER:
-            problem(
+            problems.add(
                 ProblemKind.LIMIT,
                 f"backing filename of {size} bytes does not fit qemu's {BACKING_FILE_BUFFER}-"
                 "byte buffer",
@@ -207,7 +197,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         wanted = min(size, BACKING_FILE_BUFFER)
         raw = reader.read_available(offset, wanted, field="backing_filename")
         if len(raw) < wanted:
-            problem(
+            problems.add(
                 ProblemKind.TRUNCATED,
                 f"the backing filename ({size} bytes at {offset:#x}) runs past the end of the "
                 "file (qemu reads zeros there)",
@@ -215,14 +205,14 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 56,
             )
         if offset < HEADER_SIZE:
-            problem(
+            problems.add(
                 ProblemKind.INCONSISTENT,
                 f"the backing filename at {offset:#x} overlaps the header fields",
                 "backing_filename_offset",
                 56,
             )
         # qed_read_string() NUL-terminates; qemu then uses it as a C string.
-        name = raw.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
+        name = c_string(raw)
         if name:
             backing_file = name
             references.append(
@@ -237,7 +227,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
                 # "The backing file format must not be probed, treat as raw image."
                 backing_format = "raw"
         else:
-            problem(
+            problems.add(
                 ProblemKind.INCONSISTENT,
                 "the backing_file feature is set but the backing filename is empty (qemu "
                 "sees no backing file)",
@@ -246,14 +236,14 @@ def inspect(reader: ImageReader) -> ImageInfo:
             )
     elif offset or size:
         # qemu reads no name without the feature bit; the fields are a leftover or a decoy.
-        problem(
+        problems.add(
             ProblemKind.INCONSISTENT,
             "backing filename fields set without the backing_file feature (qemu ignores them)",
             "backing_filename_offset",
             56,
         )
     if features_value & QED_F_BACKING_FORMAT_NO_PROBE and not features_value & QED_F_BACKING_FILE:
-        problem(
+        problems.add(
             ProblemKind.INCONSISTENT,
             "backing_format_no_probe is set without the backing_file feature",
             "features",
@@ -281,7 +271,7 @@ def _check_table_offset(
     cluster_size: int,
     table_size: int,
     header_size: int,
-    problem: Any,
+    problems: Problems,
 ) -> None:
     """qed_check_table_offset(): first and last cluster of the table lie in the file."""
     # qemu compares against the file size rounded down to a whole cluster.
@@ -291,7 +281,7 @@ def _check_table_offset(
         if table_size == 1:
             # The "overflow check" is also true for a one-cluster table: qemu 7.2 refuses every
             # image with table_size 1, although its own create accepts it.
-            problem(
+            problems.add(
                 ProblemKind.UNSUPPORTED,
                 "table_size 1: qemu 7.2's table offset check rejects every one-cluster table "
                 "(QED table offset is invalid)",
@@ -299,7 +289,7 @@ def _check_table_offset(
                 8,
             )
         else:
-            problem(
+            problems.add(
                 ProblemKind.MALFORMED,
                 f"l1_table_offset {offset:#x} overflows (QED table offset is invalid)",
                 "l1_table_offset",
@@ -308,14 +298,14 @@ def _check_table_offset(
         return
     header_bytes = header_size * cluster_size
     if offset % cluster_size:
-        problem(
+        problems.add(
             ProblemKind.MALFORMED,
             f"l1_table_offset {offset:#x} is not cluster aligned (QED table offset is invalid)",
             "l1_table_offset",
             40,
         )
     elif offset < header_bytes:
-        problem(
+        problems.add(
             ProblemKind.INCONSISTENT,
             f"l1_table at {offset:#x} overlaps the {header_bytes}-byte header (QED table offset "
             "is invalid)",
@@ -323,7 +313,7 @@ def _check_table_offset(
             40,
         )
     if end_offset >= usable:
-        problem(
+        problems.add(
             ProblemKind.TRUNCATED,
             f"l1_table ({table_size * cluster_size} bytes at {offset:#x}) runs past the end of "
             f"the file at {file_size:#x} (QED table offset is invalid)",

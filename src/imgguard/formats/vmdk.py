@@ -446,6 +446,16 @@ class _DescriptorFacts(NamedTuple):
     hint_offset: int | None
     problems: tuple[Problem, ...]
 
+    def hint_references(self) -> tuple[Reference, ...]:
+        """parentFileNameHint as a reference, when the descriptor names a parent."""
+        if self.backing_file is None:
+            return ()
+        return (
+            Reference(
+                ReferenceKind.PARENT_HINT, self.backing_file, "parentFileNameHint", self.hint_offset
+            ),
+        )
+
 
 def _qemu_descriptor_facts(reader: ImageReader, base: int) -> _DescriptorFacts:
     """vmdk_read_cid() (CID, parentCID) and vmdk_parent_open() on the DESC_SIZE bytes at `base`.
@@ -542,6 +552,18 @@ def _qemu_descriptor_facts(reader: ImageReader, base: int) -> _DescriptorFacts:
             backing = _decode(name)
             hint_offset = base + start
     return _DescriptorFacts(cid, parent_cid, backing, hint_offset, tuple(problems))
+
+
+def _sparse_descriptor_facts(
+    reader: ImageReader, problems: list[Problem], header: dict[str, Any]
+) -> _DescriptorFacts:
+    """vmdk_open() reads CID, parentCID and parentFileNameHint at 0x200 of a sparse file too."""
+    facts = _qemu_descriptor_facts(reader, SPARSE_DESC_OFFSET)
+    problems.extend(facts.problems)
+    header.update(
+        cid=facts.cid, parent_cid=facts.parent_cid, parent_file_name_hint=facts.backing_file
+    )
+    return facts
 
 
 def _parse_create_type(text: bytes) -> tuple[str | None, int | None, str | None]:
@@ -818,16 +840,7 @@ def _descriptor_info(
     problems.extend(_size_problems(parsed.qemu_sectors, "extents", base))
     facts = _qemu_descriptor_facts(reader, facts_base)
     problems.extend(facts.problems)
-    references = list(parsed.references)
-    if facts.backing_file is not None:
-        references.append(
-            Reference(
-                ReferenceKind.PARENT_HINT,
-                facts.backing_file,
-                "parentFileNameHint",
-                facts.hint_offset,
-            )
-        )
+    references = (*parsed.references, *facts.hint_references())
     header.update(_ddb_facts(text))
     header.update(
         create_type=create_type,
@@ -847,7 +860,7 @@ def _descriptor_info(
         backing_file=facts.backing_file,
         backing_format=NAME if facts.backing_file is not None else None,
         extents=parsed.extents,
-        references=tuple(references),
+        references=references,
         problems=tuple(problems),
         header=header,
     )
@@ -1148,21 +1161,7 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
         problems.extend(_embedded_extent_problems(text, desc_at, scans))
         header.update(_ddb_facts(text))
 
-    facts = _qemu_descriptor_facts(reader, SPARSE_DESC_OFFSET)
-    problems.extend(facts.problems)
-    header.update(
-        cid=facts.cid, parent_cid=facts.parent_cid, parent_file_name_hint=facts.backing_file
-    )
-    references: tuple[Reference, ...] = ()
-    if facts.backing_file is not None:
-        references = (
-            Reference(
-                ReferenceKind.PARENT_HINT,
-                facts.backing_file,
-                "parentFileNameHint",
-                facts.hint_offset,
-            ),
-        )
+    facts = _sparse_descriptor_facts(reader, problems, header)
     return ImageInfo(
         format=NAME,
         variant=variant,
@@ -1173,7 +1172,7 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
         backing_format=NAME if facts.backing_file is not None else None,
         # The one extent qemu builds: the file itself.
         extents=(Extent(access="RW", size_sectors=hdr["capacity"], type="SPARSE", filename=None),),
-        references=references,
+        references=facts.hint_references(),
         features=_vmdk4_features(flags),
         tables=tuple(tables),
         problems=tuple(problems),
@@ -1303,20 +1302,8 @@ def _inspect_vmdk3(reader: ImageReader) -> ImageInfo:
 
     # vmdk_open() still reads CID, parentCID and parentFileNameHint at 0x200 (inside the COWD
     # header: the tail of parentFileName, name and description).
-    facts = _qemu_descriptor_facts(reader, SPARSE_DESC_OFFSET)
-    problems.extend(facts.problems)
-    header.update(
-        cid=facts.cid, parent_cid=facts.parent_cid, parent_file_name_hint=facts.backing_file
-    )
-    if facts.backing_file is not None:
-        references.append(
-            Reference(
-                ReferenceKind.PARENT_HINT,
-                facts.backing_file,
-                "parentFileNameHint",
-                facts.hint_offset,
-            )
-        )
+    facts = _sparse_descriptor_facts(reader, problems, header)
+    references.extend(facts.hint_references())
     return ImageInfo(
         format=NAME,
         # qemu leaves create_type NULL for a COWD file (qemu-img info prints "").

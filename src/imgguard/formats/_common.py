@@ -1,0 +1,63 @@
+"""Small pieces several format modules share: how qemu reads a header, a name, a refusal."""
+
+from __future__ import annotations
+
+from imgguard.errors import TruncatedImage
+from imgguard.model import Problem, ProblemKind
+from imgguard.reader import ImageReader
+
+PROBE_BUFFER_SIZE = 2048
+
+
+class Problems(list[Problem]):
+    """The `Problem`s one `inspect()` finds, in the order it finds them."""
+
+    def add(self, kind: ProblemKind, message: str, field: str, offset: int | None) -> None:
+        self.append(Problem(kind=kind, message=message, field=field, offset=offset))
+
+
+def probe_buffer(reader: ImageReader) -> bytes:
+    # qemu probes a 2048-byte buffer read with zero fill past the end of the file
+    # (find_image_format() allows reads beyond EOF), so short files compare against zeros.
+    head = reader.head[:PROBE_BUFFER_SIZE]
+    return head + bytes(PROBE_BUFFER_SIZE - len(head))
+
+
+def fixed_header(reader: ImageReader, size: int, format_name: str) -> bytes:
+    """The first `size` bytes of the file; a shorter file is `TruncatedImage`."""
+    if reader.size < size:
+        raise TruncatedImage(
+            f"the {format_name} header needs {size} bytes, the file has {reader.size}",
+            field="header",
+            offset=0,
+        )
+    return reader.head[:size]
+
+
+def zero_filled_header(reader: ImageReader, size: int, problems: list[Problem]) -> bytes:
+    """The first `size` bytes as qemu reads them: a short file is reported and padded."""
+    raw = reader.head[:size]
+    if len(raw) < size:
+        # bdrv_pread() past the end of the file returns zeros, so qemu opens such a stub.
+        problems.append(
+            Problem(
+                ProblemKind.TRUNCATED,
+                f"the {size}-byte header is cut short at {len(raw)} bytes; qemu reads "
+                "the missing bytes as zeros",
+                field="header",
+                offset=len(raw),
+            )
+        )
+        raw += bytes(size - len(raw))
+    return raw
+
+
+def refused(message: str, field: str, offset: int | None) -> Problem:
+    return Problem(
+        ProblemKind.MALFORMED, f"qemu refuses to open the image: {message}", field, offset
+    )
+
+
+def c_string(raw: bytes) -> str:
+    """A name as qemu sees it: a C string, cut at the first NUL."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
