@@ -41,13 +41,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import attrs  # noqa: E402
 import corpus  # noqa: E402
 
 import imgguard  # noqa: E402
 from imgguard.inspection import (  # noqa: E402
+    _finish,
     _inspect_with,
-    _matches,
     _probe_all,
     _true_format,
     inspect_reader,
@@ -286,15 +285,7 @@ def measure_phases(images: list[corpus.Image], rows: dict[str, Row], calls: int)
                 chosen = _true_format(qemu_choice, recognised)
                 info = _inspect_with(chosen, reader)
                 t3 = time.perf_counter_ns()
-                matches = _matches(chosen, qemu_choice, recognised)
-                info = attrs.evolve(
-                    info,
-                    path=reader.name,
-                    file_size=reader.size,
-                    qemu_format=qemu_choice.name,
-                    matches=matches,
-                    actual_size=file_stat.st_blocks * 512,
-                )
+                _finish(info, reader, chosen, qemu_choice, recognised, file_stat.st_blocks * 512)
                 t4 = time.perf_counter_ns()
             t5 = time.perf_counter_ns()
             imgguard.check(info)
@@ -576,7 +567,8 @@ def render(
             "(50 calls per image): open+close the file (lstat, open, fstat, close), probe "
             "(every driver's prober and recogniser; reads the head, the tail and ISO 9660's "
             "descriptor), format (the chosen format's `inspect`), finish (the detector's "
-            "`attrs.evolve` of the result), check (the rules and the verdict)."
+            "`_finish`: its own fields set on the result, `matches` worked out), check (the "
+            "rules and the verdict)."
         )
         add("")
         add("| format | open | probe | format | finish | check | sum |")

@@ -231,6 +231,102 @@ def test_mutated_images_inspect_in_milliseconds() -> None:
 # --- the strategies themselves --------------------------------------------------------------
 
 
+# --- the detector's shortcuts give what the plain loops give -----------------------------------
+
+
+def _probe_every_driver(reader: ImageReader) -> tuple[str, list[str]]:
+    """`inspection._probe_all` without its magic dispatch: every prober and recogniser."""
+    best, best_score, recognised = "raw", 0, []
+    for driver in formats.drivers():
+        if driver.name == "raw":
+            continue
+        score = driver.probe(reader)
+        if score > best_score:
+            best, best_score = driver.name, score
+        if score > 0 or driver.recognise(reader):
+            recognised.append(driver.name)
+    recognised += [driver.name for driver in formats.layout_drivers() if driver.recognise(reader)]
+    return best, recognised
+
+
+def _magic_edits() -> st.SearchStrategy[bytes]:
+    """Every driver's magic, cut short, with one byte changed, or followed by random bytes."""
+    magics = sorted(
+        {magic for driver in formats.drivers() for magic in driver.magic + driver.recognise_magic}
+    )
+    magic = st.sampled_from(magics)
+    return st.one_of(
+        st.builds(lambda m, n: m[:n], magic, st.integers(0, 90)),
+        st.builds(
+            lambda m, i, b, tail: m[:i] + bytes([b]) + m[i + 1 :] + tail,
+            magic,
+            st.integers(0, 7),
+            st.integers(0, 255),
+            st.binary(max_size=600),
+        ),
+        st.builds(lambda m, tail: m + tail, magic, st.binary(max_size=4200)),
+    )
+
+
+@pytest.mark.parametrize("fmt", testing.FORMATS)
+@_settings(20)
+@given(data=st.data())
+def test_magic_dispatch_matches_every_prober(fmt: str, data: st.DataObject) -> None:
+    from imgguard.inspection import _probe_all
+
+    image = data.draw(
+        st.one_of(
+            testing.mutated(testing.images([fmt])),
+            testing.images([fmt]).map(lambda image: image.data),
+            testing.polyglots(),
+            _magic_edits(),
+        )
+    )
+    qemu_choice, recognised = _probe_all(ImageReader.from_bytes(image))
+    expected = _probe_every_driver(ImageReader.from_bytes(image))
+    assert (qemu_choice.name, [driver.name for driver in recognised]) == expected
+
+
+@_settings(60)
+@given(
+    info=st.builds(
+        ImageInfo,
+        format=st.sampled_from(["raw", "qcow2", "vmdk", "luks", "vpc"]),
+        matches=st.sampled_from([(), ("qcow2",), ("qcow2", "vdi")]),
+        virtual_size=st.one_of(st.none(), st.integers(0, 1 << 45)),
+        file_size=st.integers(0, 1 << 30),
+        header=st.sampled_from([{}, {"nb_snapshots": 5000}, {"container": "xz"}]),
+        encrypted=st.booleans(),
+    ),
+    claimed=st.sampled_from([None, "", "raw", "qcow2", "vhd"]),
+    target=st.sampled_from([None, 0, 1, 1 << 20]),
+    convert_to=st.sampled_from([None, "", "raw", "qcow2"]),
+    allow_conversion=st.booleans(),
+)
+def test_rule_plan_runs_what_the_needs_loop_runs(
+    info: ImageInfo,
+    claimed: str | None,
+    target: int | None,
+    convert_to: str | None,
+    allow_conversion: bool,
+) -> None:
+    from imgguard import rules
+    from imgguard.model import Policy
+
+    request = rules.Request(Policy(allow_conversion=allow_conversion), claimed, target, convert_to)
+    expected = []
+    for spec in rules.RULES.values():
+        if spec.needs and not any(getattr(info, name) for name in spec.needs):
+            continue
+        expected += [(spec.id, hit) for hit in spec.check(info, request)]
+    planned = {spec.id for spec in rules._run_plan(info, request)}
+    assert {rule_id for rule_id, _ in expected} <= planned
+    kept, waived = rules.evaluate(info, request)
+    assert sorted((f.rule, f.message) for f in kept + waived) == sorted(
+        (rule_id, hit.message) for rule_id, hit in expected
+    )
+
+
 def test_field_layout_follows_the_struct() -> None:
     from imgguard.formats import qcow2
 

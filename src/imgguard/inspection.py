@@ -55,10 +55,24 @@ def _inspect(reader: ImageReader, actual_size: int | None = None) -> ImageInfo:
     qemu_choice, recognised = _probe_all(reader)
     chosen = _true_format(qemu_choice, recognised)
     info = _inspect_with(chosen, reader)
-    # The detector's own fields, set on the driver's result in place instead of an
-    # `attrs.evolve` (which runs ImageInfo's 21-field __init__ and converter a second time,
-    # ~5 us). Safe because every driver returns a new ImageInfo that nothing else holds yet, and
-    # none of these fields has a converter or validator.
+    _finish(info, reader, chosen, qemu_choice, recognised, actual_size)
+    return info
+
+
+def _finish(
+    info: ImageInfo,
+    reader: ImageReader,
+    chosen: FormatDriver,
+    qemu_choice: FormatDriver,
+    recognised: list[FormatDriver],
+    actual_size: int | None,
+) -> None:
+    """The detector's own fields, set on the driver's result in place.
+
+    Not an `attrs.evolve` (which runs ImageInfo's 21-field __init__ and converter a second time,
+    ~5 us). Safe because every driver returns a new ImageInfo that nothing else holds yet, and
+    none of these fields has a converter or validator.
+    """
     set_field = object.__setattr__
     set_field(info, "path", reader.name)
     set_field(info, "file_size", reader.size)
@@ -68,11 +82,19 @@ def _inspect(reader: ImageReader, actual_size: int | None = None) -> ImageInfo:
     )
     if actual_size is not None:
         set_field(info, "actual_size", actual_size)
-    return info
 
 
-_Probe = tuple[FormatDriver, Callable[[ImageReader], int], Callable[[ImageReader], bool] | None]
-_Plan = tuple[tuple[_Probe, ...], tuple[tuple[FormatDriver, Callable[[ImageReader], bool]], ...]]
+_Probe = tuple[
+    FormatDriver, Callable[[ImageReader], int] | None, Callable[[ImageReader], bool] | None
+]
+# The probers and recognisers to call for a head starting with a given 4 bytes (drivers whose
+# `magic` starts with them, and every driver without one), the ones for any other head, and
+# the raw layouts' recognisers.
+_Plan = tuple[
+    dict[bytes, tuple[_Probe, ...]],
+    tuple[_Probe, ...],
+    tuple[tuple[FormatDriver, Callable[[ImageReader], bool]], ...],
+]
 # The drivers' bound functions, gathered once per (drivers(), layout_drivers()) pair.
 _plan_of: list[tuple[object, object, _Plan]] = []
 
@@ -81,12 +103,33 @@ def _probe_plan() -> _Plan:
     drivers, layouts = formats.drivers(), formats.layout_drivers()
     if _plan_of and _plan_of[0][0] is drivers and _plan_of[0][1] is layouts:
         return _plan_of[0][2]
+    qemu_drivers = [driver for driver in drivers if driver.name != "raw"]
+    for driver in qemu_drivers:
+        if any(len(magic) < 4 for magic in driver.magic + driver.recognise_magic):
+            raise ValueError(f"{driver.name}: a magic shorter than 4 bytes cannot be dispatched")
+
+    def probes(first4: bytes | None) -> tuple[_Probe, ...]:
+        # In the drivers' order (qemu's tie-break order), leaving out only the calls that a
+        # driver's magic says would score 0 or say False for a head starting with `first4`.
+        plan: list[_Probe] = []
+        for driver in qemu_drivers:
+            probe: Callable[[ImageReader], int] | None = driver.probe
+            recognise = None if driver.recognise is _never else driver.recognise
+            if driver.magic and not any(magic[:4] == first4 for magic in driver.magic):
+                probe = None
+            if driver.recognise_magic and not any(
+                magic[:4] == first4 for magic in driver.recognise_magic
+            ):
+                recognise = None
+            if probe is not None or recognise is not None:
+                plan.append((driver, probe, recognise))
+        return tuple(plan)
+
+    keys = {magic[:4] for driver in qemu_drivers for magic in driver.magic}
+    keys.update(magic[:4] for driver in qemu_drivers for magic in driver.recognise_magic)
     plan: _Plan = (
-        tuple(
-            (driver, driver.probe, None if driver.recognise is _never else driver.recognise)
-            for driver in drivers
-            if driver.name != "raw"
-        ),
+        {key: probes(key) for key in keys},
+        probes(None),
         tuple((driver, driver.recognise) for driver in layouts),
     )
     _plan_of[:] = [(drivers, layouts, plan)]
@@ -98,9 +141,11 @@ def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
     best: FormatDriver | None = None
     best_score = 0
     recognised: list[FormatDriver] = []
-    probes, layouts = _probe_plan()
-    for driver, probe, recognise in probes:
-        score = probe(reader)
+    by_magic, other, layouts = _probe_plan()
+    # One dict lookup instead of a dozen probers that compare their magic with the first bytes
+    # (a head shorter than 4 bytes starts with no magic, and gets `other`).
+    for driver, probe, recognise in by_magic.get(reader.head[:4], other):
+        score = 0 if probe is None else probe(reader)
         if score > best_score:
             best, best_score = driver, score
         if score > 0 or (recognise is not None and recognise(reader)):

@@ -34,10 +34,10 @@ def check(
     Never raises for bad image bytes: a file that cannot be read gives a verdict of `error`.
     """
     request = Request(policy, claimed_format, target_size, convert_to)
-    path = None if isinstance(image, ImageInfo) else _name_of(image)
     if isinstance(image, ImageInfo):
-        info = image
+        info, path = image, None
     else:
+        path = _name_of(image)
         try:
             info = inspect(image)
         except NotARegularFile as error:
@@ -52,15 +52,14 @@ def check(
                 image, policy, claimed_format, target_size, convert_to=convert_to
             )
     kept, waived = rules.evaluate(info, request)
-    rejected = any(finding.severity >= policy.fail_on for finding in kept)
-    return Verdict(
-        status=Status.REJECT if rejected else Status.PASS,
-        info=info,
-        findings=tuple(kept),
-        waived=tuple(waived),
-        fail_on=policy.fail_on,
-        path=info.path or path,
-    )
+    fail_on = policy.fail_on
+    status = Status.PASS
+    for finding in kept:
+        if finding.severity >= fail_on:
+            status = Status.REJECT
+            break
+    # Positional: Verdict(status, info, findings, waived, fail_on, path).
+    return Verdict(status, info, tuple(kept), tuple(waived), fail_on, info.path or path)
 
 
 def _verdict_without_info(

@@ -27,6 +27,11 @@ class FormatDriver:
     so they become the `variant` of a raw image. `data_at_start` marks formats whose guest data
     begins at offset 0 (fixed VHD, dmg): a raw layout found there is the guest's, not a second
     format.
+
+    `magic`, when not empty, says that `probe` scores 0 for any file whose first bytes start
+    with none of these, and `recognise_magic` the same of `recognise` (each at least 4 bytes
+    long; a footer recogniser has none). The detector uses them only to skip the calls that
+    would score 0 or say False anyway; the prober and recogniser stay the definitions.
     """
 
     name: str
@@ -35,3 +40,5 @@ class FormatDriver:
     recognise: Callable[[ImageReader], bool] = _never
     raw_layout: bool = False
     data_at_start: bool = False
+    magic: tuple[bytes, ...] = ()
+    recognise_magic: tuple[bytes, ...] = ()

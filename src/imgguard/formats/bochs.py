@@ -185,4 +185,4 @@ def inspect(reader: ImageReader) -> ImageInfo:
     )
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, magic=(HEADER_MAGIC,))

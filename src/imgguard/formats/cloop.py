@@ -188,4 +188,4 @@ def _check_offsets(reader: ImageReader, n_blocks: int, problems: list[Problem]) 
         )
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, magic=(MAGIC_VERSION_2_0,))

@@ -883,4 +883,11 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise)
+DRIVER = FormatDriver(
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    magic=(LUKS_MAGIC,),
+    recognise_magic=(LUKS_MAGIC,),
+)

@@ -444,4 +444,4 @@ def _check_bitmap(
         )
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, magic=(HEADER_MAGIC, HEADER_MAGIC2))

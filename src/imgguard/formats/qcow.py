@@ -248,4 +248,4 @@ def inspect(reader: ImageReader) -> ImageInfo:
     )
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, magic=(MAGIC,))

@@ -474,7 +474,7 @@ class _Inspection:
     def _tables(self, v2: Any, cluster_bits: int, extended_l2: bool, size: int) -> None:
         cluster_size = 1 << cluster_bits
         # Refcount table: qcow2_refcount_init() loads refcount_table_clusters whole clusters.
-        clusters: int = v2.refcount_table_clusters
+        clusters: int = v2["refcount_table_clusters"]
         if clusters == 0:
             self.problem(
                 ProblemKind.MALFORMED,
@@ -484,7 +484,7 @@ class _Inspection:
             )
         self._table(
             ("refcount_table", "refcount_table_offset", 48, "refcount_table_clusters", 56),
-            v2.refcount_table_offset,
+            v2["refcount_table_offset"],
             clusters,
             cluster_size,
             QCOW_MAX_REFTABLE_SIZE,
@@ -493,10 +493,10 @@ class _Inspection:
 
         # Snapshot table: loaded at open (qcow2_read_snapshots()); each entry is at least 40
         # bytes, the rest depends on the entries, so the length here is a lower bound.
-        nb_snapshots: int = v2.nb_snapshots
+        nb_snapshots: int = v2["nb_snapshots"]
         self._table(
             ("snapshot_table", "snapshots_offset", 64, "nb_snapshots", 60),
-            v2.snapshots_offset,
+            v2["snapshots_offset"],
             nb_snapshots,
             SNAPSHOT_HEADER_SIZE,
             SNAPSHOT_HEADER_SIZE * QCOW_MAX_SNAPSHOTS,
@@ -504,10 +504,10 @@ class _Inspection:
         )
 
         # Active L1 table: l1_size 8-byte entries, read whole at open.
-        l1_size: int = v2.l1_size
+        l1_size: int = v2["l1_size"]
         self._table(
             ("l1_table", "l1_table_offset", 40, "l1_size", 36),
-            v2.l1_table_offset,
+            v2["l1_table_offset"],
             l1_size,
             8,
             QCOW_MAX_L1_SIZE,
@@ -842,8 +842,8 @@ class _Inspection:
     def _backing_file(
         self, v2: Any, cluster_size: int, header_length: int, cluster_valid: bool
     ) -> str | None:
-        offset: int = v2.backing_file_offset
-        size: int = v2.backing_file_size
+        offset: int = v2["backing_file_offset"]
+        size: int = v2["backing_file_size"]
         if offset == 0:
             return None
         if cluster_valid and offset > cluster_size:
@@ -971,4 +971,11 @@ class _Inspection:
         return luks.encryption
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise)
+DRIVER = FormatDriver(
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    magic=(MAGIC,),
+    recognise_magic=(MAGIC,),
+)

@@ -322,4 +322,4 @@ def _check_table_offset(
         )
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, magic=(MAGIC,))

@@ -1064,4 +1064,4 @@ def _utf16_cstring(raw: bytes) -> str:
     return raw.decode("utf-16-le", errors="replace").split("\0", 1)[0]
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, magic=(SIGNATURE,))

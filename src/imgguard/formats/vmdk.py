@@ -213,11 +213,15 @@ def probe(reader: ImageReader) -> int:
     if reader.size == 0:
         # find_image_format() hands empty files to raw before any prober runs.
         return 0
-    buf = reader.head[:PROBE_SIZE]
-    if buf[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
+    head = reader.head
+    if head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
         return 100
+    if head and head[0] not in (0x23, 0x20):
+        # The usual case, binary data: no comment or blank line, so the first line is the one
+        # to test, and no version line has a NUL to match the zero fill (no buffer copied).
+        return 100 if head.startswith(_PROBE_VERSIONS) else 0
     # find_image_format() always passes 2048 bytes, zero-filled past the end of the file.
-    buf = buf.ljust(PROBE_SIZE, b"\0")
+    buf = head[:PROBE_SIZE].ljust(PROBE_SIZE, b"\0")
     end = PROBE_SIZE
     p = 0
     while p < end:

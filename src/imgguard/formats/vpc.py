@@ -588,5 +588,11 @@ def _cstring(text: str) -> str:
 
 
 DRIVER = FormatDriver(
-    name=NAME, probe=probe, inspect=inspect, recognise=recognise, data_at_start=True
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    data_at_start=True,
+    # The recogniser reads the footer at the end: it has no magic at offset 0.
+    magic=(COOKIE,),
 )
