@@ -292,10 +292,21 @@ def test_magic_dispatch_matches_every_prober(fmt: str, data: st.DataObject) -> N
     info=st.builds(
         ImageInfo,
         format=st.sampled_from(["raw", "qcow2", "vmdk", "luks", "vpc"]),
-        matches=st.sampled_from([(), ("qcow2",), ("qcow2", "vdi")]),
+        matches=st.sampled_from(
+            [(), ("qcow2",), ("qcow2", "vdi"), ("raw", "iso9660"), ("raw", "iso9660", "vpc")]
+        ),
+        variant=st.sampled_from([None, "monolithicSparse", "monolithicFlat"]),
         virtual_size=st.one_of(st.none(), st.integers(0, 1 << 45)),
         file_size=st.integers(0, 1 << 30),
-        header=st.sampled_from([{}, {"nb_snapshots": 5000}, {"container": "xz"}]),
+        header=st.sampled_from(
+            [
+                {},
+                {"nb_snapshots": 5000},
+                {"container": "xz"},
+                {"container": "gzip", "container_inspected": True},
+                {"decompression_failed": "bomb"},
+            ]
+        ),
         encrypted=st.booleans(),
     ),
     claimed=st.sampled_from([None, "", "raw", "qcow2", "vhd"]),
@@ -316,6 +327,7 @@ def test_rule_plan_runs_what_the_needs_loop_runs(
     request = rules.Request(Policy(allow_conversion=allow_conversion), claimed, target, convert_to)
     expected = []
     for spec in rules.RULES.values():
+        # Every rule, whatever its formats and header keys: the plan must not skip one that hits.
         if spec.needs and not any(getattr(info, name) for name in spec.needs):
             continue
         expected += [(spec.id, hit) for hit in spec.check(info, request)]

@@ -17,6 +17,9 @@ from imgguard.model import ImageInfo, Policy, Severity, Status, Verdict
 from imgguard.rules import Hit, Request
 
 DEFAULT_POLICY = Policy()
+# Requests without a claimed format, target size or conversion, by id() of their policy (the
+# Request holds the policy, so a live entry's id is not reused; a stale one is checked).
+_plain_requests: dict[int, Request] = {}
 
 
 def check(
@@ -33,7 +36,16 @@ def check(
     in GiB of the volume it will be written to, `convert_to` the format it will be converted to.
     Never raises for bad image bytes: a file that cannot be read gives a verdict of `error`.
     """
-    request = Request(policy, claimed_format, target_size, convert_to)
+    if claimed_format is None and target_size is None and convert_to is None:
+        # The common call: the Request of a policy alone, made once per policy object.
+        request = _plain_requests.get(id(policy))
+        if request is None or request.policy is not policy:
+            request = Request(policy)
+            if len(_plain_requests) >= 64:
+                _plain_requests.clear()
+            _plain_requests[id(policy)] = request
+    else:
+        request = Request(policy, claimed_format, target_size, convert_to)
     if isinstance(image, ImageInfo):
         info, path = image, None
     else:

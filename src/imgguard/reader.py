@@ -461,6 +461,37 @@ def _unpacker(struct: construct.Construct) -> Callable[[bytes], Any] | None:
     return unpack
 
 
+@functools.cache
+def fields_unpacker(struct: construct.Construct) -> Callable[[bytes, int], tuple[Any, ...]]:
+    """`struct.Struct(fmt).unpack_from` for a definition of plain integer fields only, with the
+    format derived from the definition: the values in field order, from any offset of a buffer.
+
+    For a small record read many times out of a buffer already in hand (qcow2's header
+    extension headers in the head) without slicing it out and building a Container. The caller
+    checks that the buffer holds the record; a definition with anything but integer fields in
+    one byte order (a Const, an Enum, Bytes, padding) is refused with a ValueError.
+    """
+    derivation = _Derivation()
+    definition = struct.defersubcon if isinstance(struct, construct.Compiled) else struct
+    if type(definition) is not construct.Struct:
+        raise ValueError("fields_unpacker() needs a Struct")
+    for sub in definition.subcons:
+        con = sub.subcon if isinstance(sub, construct.Renamed) else sub
+        if not isinstance(con, construct.FormatField):
+            raise ValueError(f"fields_unpacker(): {sub.name} is not a plain integer field")
+        try:
+            derivation.expression(con)
+        except _Unsupported as error:
+            raise ValueError(f"fields_unpacker(): {sub.name}: {error}") from error
+    derivation.flush()
+    if len(derivation.runs) != 1:
+        raise ValueError("fields_unpacker() needs fields of one byte order")
+    unpack_from: Callable[[bytes, int], tuple[Any, ...]] = _struct.Struct(
+        derivation.runs[0][0]
+    ).unpack_from
+    return unpack_from
+
+
 def _construct_field(error: construct.ConstructError, what: str) -> str:
     path = getattr(error, "path", None) or ""
     parts = [part.strip() for part in str(path).split("->") if part.strip()]

@@ -20,7 +20,6 @@ from the primary header when it is valid, otherwise from the backup (as firmware
 
 from __future__ import annotations
 
-import uuid
 import zlib
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from imgguard.errors import ImageError, MalformedImage, TruncatedImage
 from imgguard.formats import mbr
+from imgguard.formats._common import uuid_text_le
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import ImageReader, parse_struct
@@ -117,7 +117,7 @@ class _Header(NamedTuple):
 
 def _guid(raw: bytes) -> str:
     # GUIDs are stored mixed-endian (UEFI appendix A): the first three fields little endian.
-    return str(uuid.UUID(bytes_le=raw))
+    return uuid_text_le(raw)
 
 
 def _name(raw: bytes) -> str:

@@ -18,6 +18,7 @@ references of a refused image are still visible.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 from construct import Const, Enum, Int32ub, Int64ub, Struct
@@ -36,7 +37,7 @@ from imgguard.model import (
     ReferenceKind,
     Table,
 )
-from imgguard.reader import ImageReader, parse_struct
+from imgguard.reader import ImageReader, fields_unpacker, parse_struct
 
 NAME = "qcow2"
 
@@ -78,8 +79,27 @@ COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 # sizeof(QCowHeader) in qemu 7.2: the v3 header, compression_type and 7 bytes of padding.
 QEMU_HEADER_SIZE = 112
 
+# The whole version 3 header in one parse: the two definitions above, back to back.
+HEADER_V2_V3 = Struct(*HEADER_V2.defersubcon.subcons, *HEADER_V3.defersubcon.subcons)
+# The version 2 fields copied to the report as they are.
+HEADER_V2_INTEGERS = (
+    "backing_file_offset",
+    "backing_file_size",
+    "cluster_bits",
+    "size",
+    "l1_size",
+    "l1_table_offset",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+)
+_header_v2_integers = itemgetter(*HEADER_V2_INTEGERS)
+
 # "Header extensions": an 8-byte (magic, length) pair, then the data padded to 8 bytes.
 EXTENSION_HEADER = Struct("magic" / Int32ub, "len" / Int32ub).compile()
+EXTENSION_HEADER_SIZE = 8
+_unpack_extension_header = fields_unpacker(EXTENSION_HEADER)
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
@@ -133,6 +153,34 @@ INT_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
 # The fixed part of a LUKS1 header, which qemu reads through the crypto header extension.
 LUKS_PHDR_SIZE = 592
+
+# The tables qemu 7.2 loads at open, in the order it checks them: name, offset field (and its
+# offset in the header), count field (and its offset), entry length (0: a cluster) and qemu's
+# limit on the table's bytes. The refcount table is loaded whole, refcount_table_clusters
+# clusters (qcow2_refcount_init()). Each snapshot entry is at least 40 bytes, the rest depends on
+# the entries, so that length is a lower bound (qcow2_read_snapshots()). The active L1 table is
+# l1_size 8-byte entries, read whole.
+_TABLES = (
+    (
+        "refcount_table",
+        "refcount_table_offset",
+        48,
+        "refcount_table_clusters",
+        56,
+        0,
+        QCOW_MAX_REFTABLE_SIZE,
+    ),
+    (
+        "snapshot_table",
+        "snapshots_offset",
+        64,
+        "nb_snapshots",
+        60,
+        SNAPSHOT_HEADER_SIZE,
+        SNAPSHOT_HEADER_SIZE * QCOW_MAX_SNAPSHOTS,
+    ),
+    ("l1_table", "l1_table_offset", 40, "l1_size", 36, 8, QCOW_MAX_L1_SIZE),
+)
 
 CRYPT_NONE = 0
 CRYPT_AES = 1
@@ -202,10 +250,11 @@ class _Inspection:
                 field="header",
                 offset=0,
             )
-        # qemu reads sizeof(QCowHeader) bytes and sees zeros past the end of the file.
-        raw = reader.read_available(0, QEMU_HEADER_SIZE, field="header")
-        raw = raw.ljust(QEMU_HEADER_SIZE, b"\0")
-        v2 = parse_struct(HEADER_V2, raw, offset=0, what="header")
+        # qemu reads sizeof(QCowHeader) bytes and sees zeros past the end of the file. The head
+        # holds them (it is the first 4 KiB, or the whole file).
+        raw = reader.head[:QEMU_HEADER_SIZE].ljust(QEMU_HEADER_SIZE, b"\0")
+        # The version 3 fields are parsed too and used only for version 3 and later.
+        v2 = parse_struct(HEADER_V2_V3, raw, offset=0, what="header")
         version: int = v2["version"]
         header = self.header
         header["version"] = version
@@ -233,19 +282,7 @@ class _Inspection:
                 "version",
                 4,
             )
-        for name in (
-            "backing_file_offset",
-            "backing_file_size",
-            "cluster_bits",
-            "size",
-            "l1_size",
-            "l1_table_offset",
-            "refcount_table_offset",
-            "refcount_table_clusters",
-            "nb_snapshots",
-            "snapshots_offset",
-        ):
-            header[name] = int(v2[name])
+        header.update(zip(HEADER_V2_INTEGERS, _header_v2_integers(v2), strict=True))
         crypt_method = int(v2["crypt_method"])
         header["crypt_method"] = crypt_method
 
@@ -267,14 +304,11 @@ class _Inspection:
         header_length = HEADER_V2_SIZE
         compression_type = 0
         if version >= 3:
-            v3 = parse_struct(
-                HEADER_V3, raw[HEADER_V2_SIZE:HEADER_V3_SIZE], offset=HEADER_V2_SIZE, what="header"
-            )
-            incompatible = v3["incompatible_features"]
-            compatible = v3["compatible_features"]
-            autoclear = v3["autoclear_features"]
-            refcount_order = v3["refcount_order"]
-            header_length = v3["header_length"]
+            incompatible = v2["incompatible_features"]
+            compatible = v2["compatible_features"]
+            autoclear = v2["autoclear_features"]
+            refcount_order = v2["refcount_order"]
+            header_length = v2["header_length"]
             header.update(
                 incompatible_features=incompatible,
                 compatible_features=compatible,
@@ -307,8 +341,13 @@ class _Inspection:
                 100,
             )
 
-        features = self._features(incompatible, compatible, autoclear)
-        self._check_compression(compression_type, incompatible)
+        features = (
+            self._features(incompatible, compatible, autoclear)
+            if incompatible or compatible or autoclear
+            else ()
+        )
+        if compression_type or incompatible & INCOMPAT_COMPRESSION:
+            self._check_compression(compression_type, incompatible)
 
         # Extended L2 entries are 16 bytes and cut clusters into 32 subclusters.
         extended_l2 = bool(incompatible & INCOMPAT_EXTL2)
@@ -473,47 +512,43 @@ class _Inspection:
 
     def _tables(self, v2: Any, cluster_bits: int, extended_l2: bool, size: int) -> None:
         cluster_size = 1 << cluster_bits
-        # Refcount table: qcow2_refcount_init() loads refcount_table_clusters whole clusters.
-        clusters: int = v2["refcount_table_clusters"]
-        if clusters == 0:
+        if v2["refcount_table_clusters"] == 0:
             self.problem(
                 ProblemKind.MALFORMED,
                 "the image has no refcount table (refcount_table_clusters is 0)",
                 "refcount_table_clusters",
                 56,
             )
-        self._table(
-            ("refcount_table", "refcount_table_offset", 48, "refcount_table_clusters", 56),
-            v2["refcount_table_offset"],
-            clusters,
-            cluster_size,
-            QCOW_MAX_REFTABLE_SIZE,
-            cluster_size,
-        )
+        file_size = self.reader.size
+        for name, offset_field, offset_at, count_field, count_at, entry_len, max_bytes in _TABLES:
+            # qcow2_validate_table(), then the table as a fact.
+            offset: int = v2[offset_field]
+            entries: int = v2[count_field]
+            entry_len = entry_len or cluster_size
+            length = entries * entry_len
+            if entries > max_bytes // entry_len:
+                self.problem(
+                    ProblemKind.LIMIT,
+                    f"{name} of {length} bytes is over qemu's limit of {max_bytes} (too large)",
+                    count_field,
+                    count_at,
+                )
+            if INT64_MAX - length < offset or offset % cluster_size:
+                self.problem(
+                    ProblemKind.MALFORMED,
+                    f"{name} offset {offset:#x} is not cluster aligned or too large (offset "
+                    "invalid)",
+                    offset_field,
+                    offset_at,
+                )
+            if entries == 0:
+                continue
+            self.tables.append(Table(name, offset, length))
+            if offset + length > file_size or offset < cluster_size:
+                self._check_region(name, offset_field, offset_at, offset, length, cluster_size)
 
-        # Snapshot table: loaded at open (qcow2_read_snapshots()); each entry is at least 40
-        # bytes, the rest depends on the entries, so the length here is a lower bound.
-        nb_snapshots: int = v2["nb_snapshots"]
-        self._table(
-            ("snapshot_table", "snapshots_offset", 64, "nb_snapshots", 60),
-            v2["snapshots_offset"],
-            nb_snapshots,
-            SNAPSHOT_HEADER_SIZE,
-            SNAPSHOT_HEADER_SIZE * QCOW_MAX_SNAPSHOTS,
-            cluster_size,
-        )
-
-        # Active L1 table: l1_size 8-byte entries, read whole at open.
-        l1_size: int = v2["l1_size"]
-        self._table(
-            ("l1_table", "l1_table_offset", 40, "l1_size", 36),
-            v2["l1_table_offset"],
-            l1_size,
-            8,
-            QCOW_MAX_L1_SIZE,
-            cluster_size,
-        )
         # The L1 table must map the whole virtual disk (size_to_l1()).
+        l1_size: int = v2["l1_size"]
         l2_bits = cluster_bits - (4 if extended_l2 else 3)
         shift = cluster_bits + l2_bits
         l1_needed = (size + (1 << shift) - 1) >> shift
@@ -533,41 +568,6 @@ class _Inspection:
                 "l1_size",
                 36,
             )
-
-    def _table(
-        self,
-        fields: tuple[str, str, int, str, int],
-        offset: int,
-        entries: int,
-        entry_len: int,
-        max_bytes: int,
-        cluster_size: int,
-    ) -> None:
-        """qcow2_validate_table(), then the table as a fact.
-
-        `fields` names the table, its offset field (and where that is in the header) and its
-        count field (and where that is).
-        """
-        name, offset_field, offset_at, count_field, count_at = fields
-        length = entries * entry_len
-        if entries > max_bytes // entry_len:
-            self.problem(
-                ProblemKind.LIMIT,
-                f"{name} of {length} bytes is over qemu's limit of {max_bytes} (too large)",
-                count_field,
-                count_at,
-            )
-        if INT64_MAX - length < offset or offset % cluster_size:
-            self.problem(
-                ProblemKind.MALFORMED,
-                f"{name} offset {offset:#x} is not cluster aligned or too large (offset invalid)",
-                offset_field,
-                offset_at,
-            )
-        if entries == 0:
-            return
-        self.tables.append(Table(name=name, offset=offset, length=length))
-        self._check_region(name, offset_field, offset_at, offset, length, cluster_size)
 
     def _check_region(
         self, name: str, field: str, field_offset: int, offset: int, length: int, cluster_size: int
@@ -600,6 +600,7 @@ class _Inspection:
         """qcow2_read_extensions(): walk (magic, len, data) records until an end marker."""
         unknown: list[int] = []
         seen: set[int] = set()
+        head = self.reader.head
         offset = start
         count = 0
         while offset < end:
@@ -615,15 +616,17 @@ class _Inspection:
                 break
             count += 1
             ext_offset = offset
-            ext = parse_struct(
-                EXTENSION_HEADER,
-                self._read_padded(offset, 8, "header_extension"),
-                offset=offset,
-                what="header_extension",
-            )
-            magic: int = ext["magic"]
-            length: int = ext["len"]
-            offset += 8
+            if offset + EXTENSION_HEADER_SIZE <= len(head):
+                magic, length = _unpack_extension_header(head, offset)
+            else:
+                ext = parse_struct(
+                    EXTENSION_HEADER,
+                    self._read_padded(offset, EXTENSION_HEADER_SIZE, "header_extension"),
+                    offset=offset,
+                    what="header_extension",
+                )
+                magic, length = ext["magic"], ext["len"]
+            offset += EXTENSION_HEADER_SIZE
             if offset > end or length > end - offset:
                 self.problem(
                     ProblemKind.MALFORMED,

@@ -9,11 +9,10 @@ and those refusals are reported here as `Problem`s. qemu ignores `header_size`, 
 
 from __future__ import annotations
 
-import uuid
-
 import construct
 
 from imgguard.errors import MalformedImage, TruncatedImage
+from imgguard.formats._common import uuid_text_le
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import (
     Feature,
@@ -305,10 +304,10 @@ def _uuid(raw: bytes) -> str:
     # qemu_uuid_bswap turns them around before printing).
     if raw == _NULL_UUID:
         return _NULL_UUID_TEXT
-    return str(uuid.UUID(bytes_le=raw))
+    return uuid_text_le(raw)
 
 
-_NULL_UUID_TEXT = str(uuid.UUID(bytes_le=_NULL_UUID))
+_NULL_UUID_TEXT = uuid_text_le(_NULL_UUID)
 
 
 def _c_string(raw: bytes) -> str:

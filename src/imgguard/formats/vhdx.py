@@ -31,6 +31,7 @@ from typing import Any
 from construct import Bytes, Const, Int16ul, Int32ul, Int64ul, Struct
 
 from imgguard.errors import ImageError, MalformedImage
+from imgguard.formats._common import uuid_text_le
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind, Reference, ReferenceKind, Table
 from imgguard.reader import ImageReader, parse_struct
@@ -1055,7 +1056,7 @@ def _refused(
 
 
 def _guid_text(raw: bytes) -> str:
-    return str(uuid.UUID(bytes_le=bytes(raw)))
+    return uuid_text_le(bytes(raw))
 
 
 def _utf16_cstring(raw: bytes) -> str:

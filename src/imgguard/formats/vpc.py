@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import array
 import sys
-import uuid
 import zlib
 from typing import Any
 
 from construct import Array, Bytes, Const, Enum, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from imgguard.errors import ImageError, MalformedImage, TruncatedImage
+from imgguard.formats._common import uuid_text
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind, Reference, ReferenceKind, Table
 from imgguard.reader import ImageReader, parse_struct
@@ -168,7 +168,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         "secs_per_cyl": footer["secs_per_cyl"],
         "type": disk_type,
         "checksum": footer["checksum"],
-        "uuid": str(uuid.UUID(bytes=footer["uuid"])),
+        "uuid": uuid_text(footer["uuid"]),
         "in_saved_state": footer["in_saved_state"],
     }
 
@@ -355,7 +355,7 @@ def _inspect_dynamic(
             "max_table_entries": max_entries,
             "block_size": block_size,
             "dynamic_header_checksum": dyn["checksum"],
-            "parent_uuid": str(uuid.UUID(bytes=dyn["parent_uuid"])),
+            "parent_uuid": uuid_text(dyn["parent_uuid"]),
             "parent_timestamp": dyn["parent_timestamp"],
         }
     )
@@ -473,7 +473,7 @@ def _parent_references(
         references.append(
             Reference(
                 ReferenceKind.PARENT_UUID,
-                str(uuid.UUID(bytes=dyn["parent_uuid"])),
+                uuid_text(dyn["parent_uuid"]),
                 "dynamic_header.parent_uuid",
                 offset + 40,
             )
