@@ -265,6 +265,40 @@ def _magic_edits() -> st.SearchStrategy[bytes]:
             st.binary(max_size=600),
         ),
         st.builds(lambda m, tail: m + tail, magic, st.binary(max_size=4200)),
+        _planted_signatures(),
+    )
+
+
+def _planted_signatures() -> st.SearchStrategy[bytes]:
+    """Files with drivers' signatures (and magics) planted where they look, some cut or edited."""
+    everything = (*formats.drivers(), *formats.layout_drivers())
+    planted = sorted(
+        {
+            (offset, value)
+            for driver in everything
+            for offset, values in driver.probe_signatures + driver.recognise_signatures
+            for value in values
+        }
+        | {(0, magic) for driver in everything for magic in driver.magic}
+    )
+
+    def plant(size: int, picks: list[tuple[int, bytes]], edit: int | None, filler: int) -> bytes:
+        data = bytearray([filler]) * size
+        for offset, value in picks:
+            start = offset if offset >= 0 else size + offset
+            if start < 0:
+                continue
+            data[start : start + len(value)] = value
+            if edit is not None and start + edit % len(value) < len(data):
+                data[start + edit % len(value)] ^= 0x20
+        return bytes(data)
+
+    return st.builds(
+        plant,
+        st.integers(0, 6000),
+        st.lists(st.sampled_from(planted), max_size=4),
+        st.one_of(st.none(), st.integers(0, 7)),
+        st.sampled_from([0, 0xFF, 0x20]),
     )
 
 

@@ -24,6 +24,7 @@ from imgguard.errors import ImgguardError
 GZIP_MAGIC = b"\x1f\x8b\x08"  # ID1 ID2 and CM=8 (deflate), the only method RFC 1952 defines
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XZ_MAGIC = b"\xfd7zXZ\x00"
+BZIP2_MAGIC = b"BZh"
 BZIP2_BLOCK_MAGIC = b"\x31\x41\x59\x26\x53\x59"  # pi, the first block's magic
 BZIP2_EOS_MAGIC = b"\x17\x72\x45\x38\x50\x90"  # sqrt(pi), an empty stream's end marker
 
@@ -42,6 +43,10 @@ RATIO_FLOOR = 1 << 30
 MAX_OUTPUT = (2 << 40) + (1 << 30)
 
 
+# Every container's magic, at least the start of it (bzip2's block size digit follows "BZh").
+CONTAINER_MAGICS = (GZIP_MAGIC, ZSTD_MAGIC, XZ_MAGIC, BZIP2_MAGIC)
+
+
 def container_of(head: bytes) -> str | None:
     """The compressed container whose magic `head` (the first bytes of a file) starts with."""
     if head.startswith(GZIP_MAGIC):
@@ -51,7 +56,7 @@ def container_of(head: bytes) -> str | None:
     if head.startswith(XZ_MAGIC):
         return "xz"
     if (
-        head.startswith(b"BZh")
+        head.startswith(BZIP2_MAGIC)
         and head[3:4] in (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9")
         and head[4:10] in (BZIP2_BLOCK_MAGIC, BZIP2_EOS_MAGIC)
     ):

@@ -9,7 +9,7 @@ from typing import BinaryIO
 from imgguard import formats
 from imgguard.errors import ImageError
 from imgguard.formats import FormatDriver
-from imgguard.formats._driver import _never
+from imgguard.formats._driver import Signature, _never
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import ImageReader, open_regular
 
@@ -87,52 +87,108 @@ def _finish(
 _Probe = tuple[
     FormatDriver, Callable[[ImageReader], int] | None, Callable[[ImageReader], bool] | None
 ]
-# The probers and recognisers to call for a head starting with a given 4 bytes (drivers whose
-# `magic` starts with them, and every driver without one), the ones for any other head, and
-# the raw layouts' recognisers.
-_Plan = tuple[
-    dict[bytes, tuple[_Probe, ...]],
-    tuple[_Probe, ...],
-    tuple[tuple[FormatDriver, Callable[[ImageReader], bool]], ...],
-]
-# The drivers' bound functions, gathered once per (drivers(), layout_drivers()) pair.
-_plan_of: list[tuple[object, object, _Plan]] = []
+_Layout = tuple[FormatDriver, Callable[[ImageReader], bool]]
+# Per image, one key says which of the drivers' magics and signatures its bytes hold (each
+# position's known value, or None); per key, the (driver, prober, recogniser) calls that could
+# succeed, in qemu's driver order, and the layouts' recognisers that could. Keys are bounded:
+# at most (values + 1) per position.
+_SignatureKey = Callable[[bytes, bytes], tuple[bytes | None, ...]]
 
 
-def _probe_plan() -> _Plan:
-    drivers, layouts = formats.drivers(), formats.layout_drivers()
-    if _plan_of and _plan_of[0][0] is drivers and _plan_of[0][1] is layouts:
-        return _plan_of[0][2]
-    qemu_drivers = [driver for driver in drivers if driver.name != "raw"]
-    for driver in qemu_drivers:
-        if any(len(magic) < 4 for magic in driver.magic + driver.recognise_magic):
-            raise ValueError(f"{driver.name}: a magic shorter than 4 bytes cannot be dispatched")
+class _ProbePlan:
+    def __init__(self, drivers: tuple[FormatDriver, ...], layouts: tuple[FormatDriver, ...]):
+        self.drivers = drivers
+        self.layouts = layouts
+        self.qemu_drivers = [driver for driver in drivers if driver.name != "raw"]
+        for driver in self.qemu_drivers:
+            if any(len(magic) < 4 for magic in driver.magic + driver.recognise_magic):
+                raise ValueError(
+                    f"{driver.name}: a magic shorter than 4 bytes cannot be dispatched"
+                )
+        values_at: dict[tuple[int, int], set[bytes]] = {}
+        first4 = values_at.setdefault((0, 4), set())
+        for driver in self.qemu_drivers:
+            first4.update(magic[:4] for magic in driver.magic + driver.recognise_magic)
+        for driver in (*self.qemu_drivers, *layouts):
+            for offset, values in driver.probe_signatures + driver.recognise_signatures:
+                lengths = {len(value) for value in values}
+                if len(lengths) != 1 or 0 in lengths:
+                    raise ValueError(f"{driver.name}: signature values of one length needed")
+                values_at.setdefault((offset, lengths.pop()), set()).update(values)
+        self.positions = list(values_at)
+        self.key: _SignatureKey = self._key_function(values_at)
+        self.plans: dict[
+            tuple[bytes | None, ...], tuple[tuple[_Probe, ...], tuple[_Layout, ...]]
+        ] = {}
 
-    def probes(first4: bytes | None) -> tuple[_Probe, ...]:
-        # In the drivers' order (qemu's tie-break order), leaving out only the calls that a
-        # driver's magic says would score 0 or say False for a head starting with `first4`.
-        plan: list[_Probe] = []
-        for driver in qemu_drivers:
+    def _key_function(self, values_at: dict[tuple[int, int], set[bytes]]) -> _SignatureKey:
+        # One generated expression: a slice and a dict lookup per position, no loop.
+        namespace: dict[str, object] = {}
+        terms = []
+        for index, ((offset, length), values) in enumerate(values_at.items()):
+            namespace[f"known{index}"] = {value: value for value in values}
+            if offset >= 0:
+                where = f"head[{offset}:{offset + length}]"
+            else:
+                end = offset + length
+                # Past the start of a short tail the slice comes out short, and matches nothing.
+                where = f"tail[{offset}:{end if end < 0 else ''}]"
+            terms.append(f"known{index}.get({where})")
+        exec(f"def key(head, tail):\n    return ({', '.join(terms)},)\n", namespace)
+        key: _SignatureKey = namespace["key"]  # type: ignore[assignment]
+        return key
+
+    def calls(
+        self, key: tuple[bytes | None, ...]
+    ) -> tuple[tuple[_Probe, ...], tuple[_Layout, ...]]:
+        found = self.plans.get(key)
+        if found is None:
+            found = self.plans[key] = self._calls(key)
+        return found
+
+    def _calls(
+        self, key: tuple[bytes | None, ...]
+    ) -> tuple[tuple[_Probe, ...], tuple[_Layout, ...]]:
+        present = dict(zip(self.positions, key, strict=True))
+        first4 = present[(0, 4)]
+
+        def possible(magics: tuple[bytes, ...], signatures: tuple[Signature, ...]) -> bool:
+            # The magic dispatch and the signatures leave out only calls that would score 0 or
+            # say False; everything else is called and decides.
+            if magics and not any(magic[:4] == first4 for magic in magics):
+                return False
+            return not signatures or any(
+                present[(offset, len(values[0]))] in values for offset, values in signatures
+            )
+
+        probes: list[_Probe] = []
+        for driver in self.qemu_drivers:
             probe: Callable[[ImageReader], int] | None = driver.probe
             recognise = None if driver.recognise is _never else driver.recognise
-            if driver.magic and not any(magic[:4] == first4 for magic in driver.magic):
+            if not possible(driver.magic, driver.probe_signatures):
                 probe = None
-            if driver.recognise_magic and not any(
-                magic[:4] == first4 for magic in driver.recognise_magic
-            ):
+            if not possible(driver.recognise_magic, driver.recognise_signatures):
                 recognise = None
             if probe is not None or recognise is not None:
-                plan.append((driver, probe, recognise))
-        return tuple(plan)
+                probes.append((driver, probe, recognise))
+        layouts = tuple(
+            (driver, driver.recognise)
+            for driver in self.layouts
+            if possible((), driver.recognise_signatures)
+        )
+        return tuple(probes), layouts
 
-    keys = {magic[:4] for driver in qemu_drivers for magic in driver.magic}
-    keys.update(magic[:4] for driver in qemu_drivers for magic in driver.recognise_magic)
-    plan: _Plan = (
-        {key: probes(key) for key in keys},
-        probes(None),
-        tuple((driver, driver.recognise) for driver in layouts),
-    )
-    _plan_of[:] = [(drivers, layouts, plan)]
+
+# The plan for the current (drivers(), layout_drivers()) pair.
+_plan_of: list[_ProbePlan] = []
+
+
+def _probe_plan() -> _ProbePlan:
+    drivers, layouts = formats.drivers(), formats.layout_drivers()
+    if _plan_of and _plan_of[0].drivers is drivers and _plan_of[0].layouts is layouts:
+        return _plan_of[0]
+    plan = _ProbePlan(drivers, layouts)
+    _plan_of[:] = [plan]
     return plan
 
 
@@ -141,10 +197,10 @@ def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
     best: FormatDriver | None = None
     best_score = 0
     recognised: list[FormatDriver] = []
-    by_magic, other, layouts = _probe_plan()
-    # One dict lookup instead of a dozen probers that compare their magic with the first bytes
-    # (a head shorter than 4 bytes starts with no magic, and gets `other`).
-    for driver, probe, recognise in by_magic.get(reader.head[:4], other):
+    plan = _probe_plan()
+    # One key for the magics and signatures instead of a dozen probers that compare their own.
+    probes, layouts = plan.calls(plan.key(reader.head, reader.tail))
+    for driver, probe, recognise in probes:
         score = 0 if probe is None else probe(reader)
         if score > best_score:
             best, best_score = driver, score

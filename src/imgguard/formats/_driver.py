@@ -9,6 +9,9 @@ from attrs import frozen
 from imgguard.model import ImageInfo
 from imgguard.reader import ImageReader
 
+# (offset, values): see FormatDriver.
+Signature = tuple[int, tuple[bytes, ...]]
+
 
 def _never(reader: ImageReader) -> bool:
     return False
@@ -32,6 +35,12 @@ class FormatDriver:
     with none of these, and `recognise_magic` the same of `recognise` (each at least 4 bytes
     long; a footer recogniser has none). The detector uses them only to skip the calls that
     would score 0 or say False anyway; the prober and recogniser stay the definitions.
+
+    `probe_signatures` and `recognise_signatures` do the same for bytes elsewhere: pairs of
+    (offset, values), the offset from the end of the file when negative, all values of one pair
+    of one length. The call scores 0 or says False unless the bytes at one pair's offset are
+    one of its values. A pair is a necessary condition, not the test: the values may be a
+    prefix of what the function compares.
     """
 
     name: str
@@ -42,3 +51,5 @@ class FormatDriver:
     data_at_start: bool = False
     magic: tuple[bytes, ...] = ()
     recognise_magic: tuple[bytes, ...] = ()
+    probe_signatures: tuple[Signature, ...] = ()
+    recognise_signatures: tuple[Signature, ...] = ()

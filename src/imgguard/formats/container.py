@@ -12,7 +12,7 @@ is a polyglot.
 
 from __future__ import annotations
 
-from imgguard.compressed import container_of
+from imgguard.compressed import CONTAINER_MAGICS, container_of
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo
 from imgguard.reader import ImageReader
@@ -41,4 +41,11 @@ def inspect(reader: ImageReader) -> ImageInfo:
     return ImageInfo(format="raw", variant=NAME, virtual_size=reader.size, header=header)
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise)
+DRIVER = FormatDriver(
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    # The first two bytes of each container's magic.
+    recognise_signatures=((0, tuple(sorted({magic[:2] for magic in CONTAINER_MAGICS}))),),
+)

@@ -515,5 +515,10 @@ def _glib_base64_decode(text: bytes) -> bytes:
 
 # A dmg's data fork starts at offset 0: a partition table found there is the guest's.
 DRIVER = FormatDriver(
-    name=NAME, probe=probe, inspect=inspect, recognise=recognise, data_at_start=True
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    data_at_start=True,
+    recognise_signatures=((-KOLY_SIZE, (KOLY_SIGNATURE,)),),
 )

@@ -589,4 +589,12 @@ def inspect(reader: ImageReader) -> ImageInfo:
     )
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise, raw_layout=True)
+DRIVER = FormatDriver(
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    raw_layout=True,
+    # A primary header at LBA 1 of a 512-byte-sector disk, or else a protective MBR.
+    recognise_signatures=((512, (SIGNATURE,)), (510, (mbr.BOOT_SIGNATURE,))),
+)

@@ -370,4 +370,11 @@ def inspect(reader: ImageReader) -> ImageInfo:
     )
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise, raw_layout=True)
+DRIVER = FormatDriver(
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    raw_layout=True,
+    recognise_signatures=((510, (BOOT_SIGNATURE,)),),
+)

@@ -314,4 +314,6 @@ def _c_string(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", errors="backslashreplace")
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)
+DRIVER = FormatDriver(
+    name=NAME, probe=probe, inspect=inspect, probe_signatures=((64, (_SIGNATURE_BYTES,)),)
+)

@@ -593,6 +593,8 @@ DRIVER = FormatDriver(
     inspect=inspect,
     recognise=recognise,
     data_at_start=True,
-    # The recogniser reads the footer at the end: it has no magic at offset 0.
     magic=(COOKIE,),
+    # The recogniser reads the footer in the last 512 bytes (the dmg trailer's place too, whose
+    # signature is 4 bytes: the cookie's first 4 share the dispatch).
+    recognise_signatures=((-FOOTER_SIZE, (COOKIE[:4],)),),
 )
