@@ -321,6 +321,26 @@ def test_magic_dispatch_matches_every_prober(fmt: str, data: st.DataObject) -> N
     assert (qemu_choice.name, [driver.name for driver in recognised]) == expected
 
 
+@_settings(40)
+@given(
+    image=st.one_of(
+        testing.images(),
+        testing.polyglots(),
+        testing.mutated(testing.images()),
+        _planted_signatures(),
+    )
+)
+def test_matches_shortcut_gives_what_matches_gives(image: Any) -> None:
+    from imgguard.inspection import _has_boot_signature, _matches, _probe_all, _true_format
+
+    data = image if isinstance(image, bytes) else image.data
+    reader = ImageReader.from_bytes(data)
+    qemu_choice, recognised = _probe_all(reader)
+    chosen = _true_format(qemu_choice, recognised)
+    expected = _matches(chosen, qemu_choice, recognised, _has_boot_signature(reader))
+    assert imgguard.inspect_bytes(data).matches == expected
+
+
 @_settings(60)
 @given(
     info=st.builds(

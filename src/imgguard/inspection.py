@@ -77,9 +77,19 @@ def _finish(
     set_field(info, "path", reader.name)
     set_field(info, "file_size", reader.size)
     set_field(info, "qemu_format", qemu_choice.name)
-    set_field(
-        info, "matches", _matches(chosen, qemu_choice, recognised, _has_boot_signature(reader))
-    )
+    if (
+        chosen is qemu_choice
+        and (not recognised or (len(recognised) == 1 and recognised[0] is chosen))
+        and reader.head[510:512] != BOOT_SIGNATURE
+    ):
+        # The usual image: one reading, the one qemu picks (what _matches() says for it).
+        set_field(info, "matches", (chosen.name,))
+    else:
+        set_field(
+            info,
+            "matches",
+            _matches(chosen, qemu_choice, recognised, _has_boot_signature(reader)),
+        )
     if actual_size is not None:
         set_field(info, "actual_size", actual_size)
 
@@ -239,8 +249,12 @@ def _inspect_with(driver: FormatDriver, reader: ImageReader) -> ImageInfo:
         return ImageInfo(format=driver.name, problems=(problem,))
 
 
+# The boot sector signature at 510 (imgguard.formats.mbr.BOOT_SIGNATURE).
+BOOT_SIGNATURE = b"\x55\xaa"
+
+
 def _has_boot_signature(reader: ImageReader) -> bool:
-    return reader.head[510:512] == b"\x55\xaa"
+    return reader.head[510:512] == BOOT_SIGNATURE
 
 
 def _matches(

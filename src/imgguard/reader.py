@@ -159,6 +159,25 @@ class ImageReader:
             return b""
         return self.read(offset, min(length, self.size - offset), field=field)
 
+    def peek(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`, fewer or none where the file ends: a recogniser's
+        look at a signature outside the head (no field to blame, nothing kept for later).
+        Counted like every read; `length` is at most HEAD_SIZE."""
+        if offset < 0 or not 0 <= length <= HEAD_SIZE:
+            raise ValueError(f"peek({offset}, {length}): a small region inside the file")
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        head = self._head
+        if head is not None and end <= len(head):
+            return head[offset:end]
+        tail = self._tail
+        if tail is not None:
+            tail_start = self.size - len(tail)
+            if offset >= tail_start:
+                return tail[offset - tail_start : end - tail_start]
+        return self._pread(offset, end - offset)
+
     def _cached(self, offset: int, length: int) -> bytes | None:
         end = offset + length
         if self._head is not None and end <= len(self._head):

@@ -197,11 +197,8 @@ def recognise(reader: ImageReader) -> bool:
     """A volume descriptor ("CD001") or a UDF recognition sequence at logical sector 16."""
     if reader.size < DESCRIPTORS_OFFSET + SECTOR_SIZE:
         return False
-    try:
-        header = reader.read(DESCRIPTORS_OFFSET + 1, 5, field="volume_descriptor")
-    except ImageError:
-        return False
-    return header == STANDARD_IDENTIFIER or header in UDF_FIRST_IDENTIFIERS
+    identifier = reader.peek(DESCRIPTORS_OFFSET + 1, 5)
+    return identifier == STANDARD_IDENTIFIER or identifier in UDF_FIRST_IDENTIFIERS
 
 
 def probe(reader: ImageReader) -> int:
