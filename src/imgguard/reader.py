@@ -14,7 +14,7 @@ import os
 import stat
 import struct as _struct
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, Generic, TypeVar, overload
+from typing import Any, BinaryIO, Generic, NoReturn, TypeVar, overload
 
 import construct
 
@@ -239,7 +239,8 @@ def open_regular(name: str) -> tuple[int, os.stat_result]:
         link_stat = os.lstat(name)
     except OSError as error:
         raise UnreadableImage(f"cannot stat {name}: {error.strerror or error}") from error
-    _require_regular(link_stat, name)
+    if not _S_ISREG(link_stat.st_mode):
+        _refuse(link_stat, name)
     try:
         fd = os.open(name, _OPEN_FLAGS)
     except OSError as error:
@@ -247,7 +248,8 @@ def open_regular(name: str) -> tuple[int, os.stat_result]:
     try:
         file_stat = os.fstat(fd)
         # The path may have been swapped for something else between lstat and open.
-        _require_regular(file_stat, name)
+        if not _S_ISREG(file_stat.st_mode):
+            _refuse(file_stat, name)
     except BaseException:
         os.close(fd)
         raise
@@ -257,10 +259,8 @@ def open_regular(name: str) -> tuple[int, os.stat_result]:
 _S_ISREG = stat.S_ISREG
 
 
-def _require_regular(st: os.stat_result, name: str) -> None:
+def _refuse(st: os.stat_result, name: str) -> NoReturn:
     mode = st.st_mode
-    if _S_ISREG(mode):
-        return
     kinds = {
         stat.S_ISLNK: "a symbolic link",
         stat.S_ISDIR: "a directory",
