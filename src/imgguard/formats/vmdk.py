@@ -1344,4 +1344,12 @@ def inspect(reader: ImageReader) -> ImageInfo:
     return _inspect_descriptor_file(reader)
 
 
-DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect, recognise=recognise)
+DRIVER = FormatDriver(
+    name=NAME,
+    probe=probe,
+    inspect=inspect,
+    recognise=recognise,
+    # vmdk_probe() scores only a magic or a text whose first line is a comment, a blank line
+    # or `version=`.
+    probe_signatures=((0, (b"#", b" ", b"v", VMDK4_MAGIC[:1], VMDK3_MAGIC[:1])),),
+)
