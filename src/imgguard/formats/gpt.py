@@ -465,19 +465,20 @@ def inspect(reader: ImageReader) -> ImageInfo:
 
     # The backup is where the primary says; without a valid primary, at the last LBA.
     expected_backup = last_lba
+    # A backup before the last LBA is what growing a disk image (`qemu-img resize`, `truncate`,
+    # Azure's 1 MiB size rounding) leaves behind: judged once the backup has been read.
+    moved_backup: Problem | None = None
     if primary is not None and primary.valid:
         expected_backup = primary.fields.alternate_lba
         if expected_backup != last_lba:
-            problems.append(
-                Problem(
-                    ProblemKind.INCONSISTENT,
-                    f"alternate_lba is {expected_backup}, but the last LBA of the file is "
-                    f"{last_lba}",
-                    "gpt_header.alternate_lba",
-                    sector_size + 32,
-                )
+            moved_backup = Problem(
+                ProblemKind.INCONSISTENT,
+                f"alternate_lba is {expected_backup}, but the last LBA of the file is {last_lba}",
+                "gpt_header.alternate_lba",
+                sector_size + 32,
             )
     backup: _Header | None = None
+    mirrored = False
     if expected_backup > last_lba:
         problems.append(
             Problem(
@@ -510,7 +511,9 @@ def inspect(reader: ImageReader) -> ImageInfo:
         else:
             problems += backup.problems
             if primary is not None:
-                problems += _compare(primary, backup, sector_size)
+                differences = _compare(primary, backup, sector_size)
+                problems += differences
+                mirrored = not differences and not backup.problems
 
     if primary is None and backup is None:
         raise TruncatedImage(
@@ -531,6 +534,17 @@ def inspect(reader: ImageReader) -> ImageInfo:
         problems += array_problems
         arrays[which] = array
         good[which] = array is not None and not array_problems
+    # A grown disk (backup inside the file, intact and mirroring a good primary) is an ordinary
+    # image: Linux and UEFI read it and fix the backup's place on the first write.
+    grown = (
+        moved_backup is not None
+        and expected_backup < last_lba
+        and mirrored
+        and good["gpt_header"]
+        and good["backup_gpt_header"]
+    )
+    if moved_backup is not None and not grown:
+        problems.append(moved_backup)
     candidates = [
         (table, which)
         for table, which in ((primary, "gpt_header"), (backup, "backup_gpt_header"))
@@ -577,6 +591,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         "header_used": chosen_name,
         "primary_valid": good["gpt_header"],
         "backup_valid": good["backup_gpt_header"],
+        "grown": grown,
         "partitions": tuple(tuple(p) for p in partitions),
         "partition_types": tuple(KNOWN_TYPES.get(p.type_guid) for p in partitions),
     }
