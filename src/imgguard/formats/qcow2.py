@@ -768,14 +768,10 @@ class _Inspection:
             )
             return
         if not autoclear & AUTOCLEAR_BITMAPS:
-            # qemu warns that the bitmaps are inconsistent and ignores the extension.
-            self.problem(
-                ProblemKind.INCONSISTENT,
-                "bitmaps extension present but the bitmaps autoclear bit is clear (qemu "
-                "ignores the bitmaps)",
-                "autoclear_features",
-                88,
-            )
+            # A program without bitmap support wrote the image and cleared the bit, exactly as
+            # the spec intends: qemu warns, ignores the extension (and drops it on its next
+            # write). The guest data is untouched, so this is a fact, not a problem.
+            self.header["bitmaps_ignored"] = True
             return
         ext = parse_struct(
             BITMAPS_EXTENSION,
