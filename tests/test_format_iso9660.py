@@ -362,7 +362,7 @@ def test_truncation_points(boot_iso: Path, cut: int) -> None:
     except ImageError:
         assert cut < 34816 or not iso9660.recognise(reader)
     else:
-        assert info.virtual_size == cut
+        assert info.virtual_size == -(-cut // 512) * 512  # qemu: whole sectors
         assert info.truncated
 
 
@@ -402,4 +402,4 @@ def test_mutations_only_give_info_or_image_error(
         info = iso9660.inspect(reader)
     except ImageError:
         return
-    assert info.format == "raw" and info.virtual_size == reader.size
+    assert info.format == "raw" and info.virtual_size == -(-reader.size // 512) * 512

@@ -496,3 +496,46 @@ def test_hyperv_vhdx_with_4k_logical_sectors_is_refused_like_qemu(tmp_path: Path
     verdict = imgguard.check(path)
     assert verdict.status == "reject"
     assert "IG302" in {finding.rule for finding in verdict.findings}
+
+
+# --- files whose size is not a whole number of sectors ------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 1000, 1_000_100, 4 * MIB + 511])
+def test_raw_file_of_any_size_is_sized_in_whole_sectors_like_qemu(
+    tmp_path: Path, size: int
+) -> None:
+    # A kernel or ramdisk (Glance aki/ari are raw), a dd dump cut anywhere: qemu 7.2's block
+    # layer counts whole sectors, so a 1000-byte raw file is a 1024-byte disk to qemu-img.
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"\x7f" * (size % 256))
+    verdict = assert_passes_like_qemu(path, "raw")
+    assert verdict.info is not None
+    assert verdict.info.virtual_size == -(-size // 512) * 512 == qemu_info(path)["virtual-size"]
+
+
+def test_luks_file_of_odd_size_is_sized_like_qemu(tmp_path: Path) -> None:
+    path = qemu_create(
+        tmp_path / "disk.luks", "luks", "4M", ["key-secret=sec0", "iter-time=10"], secret=True
+    )
+    with path.open("ab") as file:
+        file.write(b"\0" * 100)
+    info = imgguard.inspect(path)
+    assert info.format == "luks"
+    assert info.virtual_size == qemu_info(path, "luks")["virtual-size"] == 4 * MIB + 512
+
+
+def test_fixed_vhd_footer_that_qemu_cannot_find_is_refused(tmp_path: Path) -> None:
+    # 100 bytes of guest data more than a whole sector: the footer ends the file, but qemu reads
+    # it at the rounded-up length - 512 and says "invalid VPC image". Never a pass.
+    path = fixed_vhd(tmp_path / "disk.vhd", 1 * GIB + 100, b"win ")
+    result = subprocess.run(
+        ["qemu-img", "info", "-f", "vpc", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0 and "invalid VPC image" in result.stderr
+    verdict = imgguard.check(path)
+    assert verdict.info is not None and verdict.info.format == "vpc"
+    assert verdict.status == "reject"
+    assert [(p.kind, p.field) for p in verdict.info.problems] == [(ProblemKind.MALFORMED, "footer")]
+    # qemu's own reading of the file, raw and in whole sectors, is what qemu-img info shows.
+    assert qemu_info(path)["virtual-size"] == -(-(1 * GIB + 612) // 512) * 512

@@ -9,6 +9,7 @@ from typing import BinaryIO
 from imgguard import formats
 from imgguard.errors import ImageError
 from imgguard.formats import FormatDriver
+from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import Signature, _never
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import ImageReader, open_regular
@@ -244,7 +245,10 @@ def _inspect_with(driver: FormatDriver, reader: ImageReader) -> ImageInfo:
         if driver.raw_layout:
             # A layout that cannot be read is no reason to stop calling the disk raw.
             return ImageInfo(
-                format="raw", variant=driver.name, virtual_size=reader.size, problems=(problem,)
+                format="raw",
+                variant=driver.name,
+                virtual_size=qemu_length(reader),
+                problems=(problem,),
             )
         return ImageInfo(format=driver.name, problems=(problem,))
 

@@ -1521,8 +1521,8 @@ def cloop_images(draw: st.DrawFn, *, references: bool | None = None) -> Generate
 
 
 def build_raw(*, size: int = 64 * KiB, fill: int = 0) -> GeneratedImage:
-    """A raw disk with no recognisable layout."""
-    return GeneratedImage(bytes([fill]) * size, "raw", size)
+    """A raw disk with no recognisable layout; qemu counts its size in whole sectors."""
+    return GeneratedImage(bytes([fill]) * size, "raw", -(-size // SECTOR) * SECTOR)
 
 
 @st.composite

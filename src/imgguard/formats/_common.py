@@ -16,6 +16,13 @@ class Problems(list[Problem]):
         self.append(Problem(kind=kind, message=message, field=field, offset=offset))
 
 
+def qemu_length(reader: ImageReader) -> int:
+    """The file's length as qemu 7.2's block layer sees it (`bdrv_getlength()`): rounded up to
+    whole 512-byte sectors (`total_sectors = DIV_ROUND_UP(length, 512)`). A raw disk's virtual
+    size, and where drivers look for what sits at the end of the file."""
+    return -(-reader.size // 512) * 512
+
+
 def probe_buffer(reader: ImageReader) -> bytes:
     # qemu probes a 2048-byte buffer read with zero fill past the end of the file
     # (find_image_format() allows reads beyond EOF), so short files compare against zeros.

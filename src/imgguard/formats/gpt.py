@@ -27,7 +27,7 @@ from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from imgguard.errors import ImageError, MalformedImage, TruncatedImage
 from imgguard.formats import mbr
-from imgguard.formats._common import uuid_text_le
+from imgguard.formats._common import qemu_length, uuid_text_le
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import ImageReader, parse_struct
@@ -598,7 +598,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     return ImageInfo(
         format="raw",
         variant=NAME,
-        virtual_size=reader.size,  # qemu raw: the file's length (raw_co_getlength)
+        virtual_size=qemu_length(reader),  # qemu raw: the file's length, in whole sectors
         problems=tuple(problems),
         header=header,
     )

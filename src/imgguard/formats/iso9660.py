@@ -27,6 +27,7 @@ from construct import Bytes, Const, Int8ul, Int16ub, Int16ul, Int32ub, Int32ul, 
 
 from imgguard.errors import ImageError, MalformedImage, TruncatedImage
 from imgguard.formats import gpt, mbr
+from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import ImageReader, parse_struct
@@ -482,7 +483,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         return ImageInfo(
             format="raw",
             variant=NAME,
-            virtual_size=reader.size,  # qemu raw: the file's length (raw_co_getlength)
+            virtual_size=qemu_length(reader),  # qemu raw: the file's length, in whole sectors
             header={"descriptors": (), "udf": sequence, "el_torito": False, "joliet_level": None},
         )
     if first[1:6] != STANDARD_IDENTIFIER:
@@ -582,7 +583,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     return ImageInfo(
         format="raw",
         variant=NAME,
-        virtual_size=reader.size,  # qemu raw: the file's length (raw_co_getlength)
+        virtual_size=qemu_length(reader),  # qemu raw: the file's length, in whole sectors
         problems=tuple(facts.problems),
         header=header,
     )

@@ -23,6 +23,7 @@ import construct
 from attrs import frozen
 
 from imgguard.errors import ImageError, MalformedImage, TruncatedImage
+from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import Encryption, ImageInfo, KeySlot, Problem, ProblemKind, Table
 from imgguard.reader import ImageReader, parse_struct
@@ -198,7 +199,10 @@ def inspect(reader: ImageReader) -> ImageInfo:
     virtual_size = parsed.data_size
     if parsed.version == 1:
         payload = parsed.encryption.payload_offset or 0
-        if payload > reader.size:
+        # block_crypto_co_getlength(): bdrv_getlength(file), whole sectors, less the payload.
+        length = qemu_length(reader)
+        virtual_size = length - payload if payload <= length else None
+        if payload > length:
             # block_crypto_co_getlength() returns -EIO: qemu-img info fails to open the image.
             problems.append(
                 Problem(

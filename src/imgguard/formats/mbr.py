@@ -23,6 +23,7 @@ from typing import NamedTuple
 from construct import Array, Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
 
 from imgguard.errors import ImageError, TruncatedImage
+from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import ImageReader, parse_struct
@@ -364,7 +365,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
     return ImageInfo(
         format="raw",
         variant=NAME,
-        virtual_size=reader.size,  # qemu raw: the file's length (raw_co_getlength)
+        virtual_size=qemu_length(reader),  # qemu raw: the file's length, in whole sectors
         problems=tuple(problems),
         header=header,
     )

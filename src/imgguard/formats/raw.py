@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo
 from imgguard.reader import ImageReader
@@ -15,7 +16,8 @@ def probe(reader: ImageReader) -> int:
 
 
 def inspect(reader: ImageReader) -> ImageInfo:
-    return ImageInfo(format=NAME, virtual_size=reader.size)
+    # qemu-img reports a raw file of 1000 bytes as 1024: whole sectors.
+    return ImageInfo(format=NAME, virtual_size=qemu_length(reader))
 
 
 DRIVER = FormatDriver(name=NAME, probe=probe, inspect=inspect)

@@ -26,7 +26,7 @@ from typing import Any
 from construct import Array, Bytes, Const, Enum, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from imgguard.errors import ImageError, MalformedImage, TruncatedImage
-from imgguard.formats._common import uuid_text
+from imgguard.formats._common import qemu_length, uuid_text
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo, Problem, ProblemKind, Reference, ReferenceKind, Table
 from imgguard.reader import ImageReader, parse_struct
@@ -138,7 +138,12 @@ def recognise(reader: ImageReader) -> bool:
     """A fixed VHD: no footer at offset 0, and a footer qemu -f vpc accepts in the last 512."""
     if reader.head[:8] == COOKIE or reader.size < FOOTER_SIZE:
         return False
-    footer = reader.tail[-FOOTER_SIZE:]
+    # Where qemu looks, and where the spec (and every other VHD reader) looks: they differ only
+    # for a file whose size is not a multiple of 512, which inspect() reports.
+    return _fixed_footer(_end_footer(reader)[1]) or _fixed_footer(reader.tail[-FOOTER_SIZE:])
+
+
+def _fixed_footer(footer: bytes) -> bool:
     return (
         footer[:8] == COOKIE
         and int.from_bytes(footer[60:64], "big") == VHD_FIXED
@@ -152,6 +157,15 @@ def inspect(reader: ImageReader) -> ImageInfo:
     footer = parse_struct(FOOTER, footer_bytes, offset=footer_offset, what="footer")
     at_end = footer_offset != 0
     disk_type = int(footer["type"])
+    if at_end and footer_offset != qemu_length(reader) - FOOTER_SIZE:
+        problems.append(
+            _refused(
+                f"the file's size ({reader.size}) is not a multiple of 512, so the footer in its "
+                "last 512 bytes is not where vpc_open() looks (invalid VPC image)",
+                "footer",
+                footer_offset,
+            )
+        )
     header: dict[str, Any] = {
         "footer_offset": footer_offset,
         "features": footer["features"],
@@ -264,6 +278,18 @@ def inspect(reader: ImageReader) -> ImageInfo:
     )
 
 
+def _end_footer(reader: ImageReader) -> tuple[int, bytes]:
+    """The 512 bytes vpc_open() reads as a fixed disk's footer: at bdrv_getlength() - 512, where
+    the length is rounded up to whole sectors, zero-filled past the end. A file whose size is
+    not a multiple of 512 has no footer where qemu looks ("invalid VPC image")."""
+    offset = qemu_length(reader) - FOOTER_SIZE
+    if offset == reader.size - FOOTER_SIZE:
+        return offset, reader.tail[-FOOTER_SIZE:]
+    return offset, reader.read_available(offset, FOOTER_SIZE, field="footer").ljust(
+        FOOTER_SIZE, b"\0"
+    )
+
+
 def _find_footer(reader: ImageReader) -> tuple[int, bytes]:
     """Where vpc_open() finds the footer: offset 0, else the last 512 bytes of a fixed disk."""
     head = reader.head
@@ -276,8 +302,10 @@ def _find_footer(reader: ImageReader) -> tuple[int, bytes]:
             field="footer",
             offset=0,
         )
-    footer = reader.tail[-FOOTER_SIZE:]
-    offset = reader.size - FOOTER_SIZE
+    offset, footer = _end_footer(reader)
+    if not _fixed_footer(footer) and _fixed_footer(reader.tail[-FOOTER_SIZE:]):
+        # The spec's place, which qemu misses in a file of a size not a multiple of 512.
+        offset, footer = reader.size - FOOTER_SIZE, reader.tail[-FOOTER_SIZE:]
     if footer[:8] != COOKIE:
         raise MalformedImage(
             "no 'conectix' footer at offset 0 or in the last 512 bytes",
@@ -418,7 +446,9 @@ def _inspect_dynamic(
     # free_data_block_offset starts just past the BAT and grows past every allocated block;
     # qemu refuses the image when it ends up past the end of the file.
     free_offset = (bat_offset + bat_length + 511) & ~511
-    if free_offset > reader.size:
+    # ... compared with bdrv_getlength(), the file's length in whole sectors.
+    length = qemu_length(reader)
+    if free_offset > length:
         problems.append(
             _refused(
                 f"the BAT ({bat_length} bytes at {bat_offset:#x}) runs past the end of the file "
@@ -430,7 +460,8 @@ def _inspect_dynamic(
         )
         return
     if bat_length <= BAT_SCAN_LIMIT:
-        entries = array.array("I", reader.read(bat_offset, bat_length, field="bat"))
+        raw_bat = reader.read_available(bat_offset, bat_length, field="bat")
+        entries = array.array("I", raw_bat.ljust(bat_length, b"\0"))
         if sys.byteorder == "little":
             entries.byteswap()
         allocated = [entry for entry in entries if entry != 0xFFFFFFFF]
@@ -438,7 +469,7 @@ def _inspect_dynamic(
             bitmap_size = ((block_size // (8 * 512)) + 511) & ~511
             free_offset = max(free_offset, 512 * max(allocated) + bitmap_size + block_size)
         header["allocated_blocks"] = len(allocated)
-        if free_offset > reader.size:
+        if free_offset > length:
             problems.append(
                 _refused(
                     f"an allocated block ends at {free_offset}, past the end of the file at "
