@@ -539,3 +539,95 @@ def test_fixed_vhd_footer_that_qemu_cannot_find_is_refused(tmp_path: Path) -> No
     assert [(p.kind, p.field) for p in verdict.info.problems] == [(ProblemKind.MALFORMED, "footer")]
     # qemu's own reading of the file, raw and in whole sectors, is what qemu-img info shows.
     assert qemu_info(path)["virtual-size"] == -(-(1 * GIB + 612) // 512) * 512
+
+
+# --- FreeBSD mkimg (the official FreeBSD .vmdk/.vhd/.qcow2 VM images) ----------------------------
+
+
+def mkimg_vmdk(path: Path, sectors: int) -> Path:
+    """usr.bin/mkimg/vmdk.c: monolithicSparse, 8 KiB grains, every grain allocated, CID 0, an
+    empty extent name, the redundant grain directory at the same place as the primary."""
+    descriptor = (
+        '# Disk DescriptorFile\nversion=1\nCID=00000000\nparentCID=ffffffff\ncreateType="mono'
+        f'lithicSparse"\n# Extent description\nRW {sectors} SPARSE ""\n# The Disk Data Base\n'
+        '#DDB\nddb.adapterType = "ide"\nddb.geometry.cylinders = "0"\nddb.geometry.heads = "0"\n'
+        'ddb.geometry.sectors = "0"\n'
+    ).encode()
+    descriptor = _sectors(descriptor)
+    grain = 16
+    grains = sectors // grain
+    tables = -(-grains // 512)
+    directory_size = -(-tables * 4 // 512) * 512
+    gd = len(descriptor) // 512 + 1
+    sector = gd + directory_size // 512
+    directory = [sector + 4 * index for index in range(tables)]
+    sector += 4 * tables
+    sector = -(-sector // grain) * grain
+    header = bytearray(
+        struct.pack(
+            "<4sIIQQQQIQQQB",
+            *(b"KDMV", 1, 3, sectors, grain, 1, len(descriptor) // 512, 512, gd, gd, sector, 0),
+        ).ljust(512, b"\0")
+    )
+    header[73:77] = b"\n \r\n"
+    table = [sector + index * grain for index in range(grains)]
+    table += [0] * (tables * 512 - grains)
+    with path.open("wb") as file:
+        file.write(header + descriptor)
+        file.write(struct.pack(f"<{tables}I", *directory).ljust(directory_size, b"\0"))
+        file.write(struct.pack(f"<{len(table)}I", *table))
+        file.truncate((sector + sectors) * 512)
+    return path
+
+
+def test_freebsd_mkimg_vmdk(tmp_path: Path) -> None:
+    path = mkimg_vmdk(tmp_path / "FreeBSD-14.1-RELEASE-amd64.vmdk", 16 * MIB // 512)
+    verdict = assert_passes_like_qemu(path, "vmdk", "monolithicSparse")
+    assert verdict.info is not None and verdict.info.cluster_size == 8 * KIB
+    assert verdict.info.references == () and verdict.info.header["cid"] == 0
+
+
+def test_freebsd_mkimg_vhd_footer_geometry(tmp_path: Path) -> None:
+    # mkimg writes creator "*img" / "FBSD": qemu 7.2 sizes it by CHS; for disks over 127.5 GiB
+    # mkimg's cylinder count (65536) wraps to 0 in the 16-bit field, and qemu says 0 bytes.
+    path = fixed_vhd(tmp_path / "small.vhd", 64 * MIB, b"*img")
+    verdict = assert_passes_like_qemu(path, "vpc", "fixed")
+    cylinders, heads, per_track = _chs(64 * MIB // 512)
+    assert verdict.info is not None
+    assert verdict.info.virtual_size == cylinders * heads * per_track * 512
+    big = fixed_vhd(tmp_path / "big.vhd", 200 * GIB, b"*img")
+    with big.open("r+b") as file:
+        file.seek(200 * GIB)
+        data = bytearray(file.read(512))
+        struct.pack_into(">HBB", data, 56, 0, 16, 255)
+        struct.pack_into(">I", data, 64, _vhd_checksum(data))
+        file.seek(200 * GIB)
+        file.write(bytes(data))
+    info = imgguard.inspect(big)
+    assert info.virtual_size == qemu_info(big, "vpc")["virtual-size"] == 0
+
+
+def test_virtualbox_base_vhd_with_empty_parent_locators(tmp_path: Path) -> None:
+    # Older VirtualBox releases reserved the four Windows parent locators in every dynamic VHD,
+    # with no data in them: no reference, and qemu opens the disk.
+    path = qemu_create(tmp_path / "vbox.vhd", "vpc", "1G")
+    data = bytearray(path.read_bytes())
+    footer = bytearray(data[:512])
+    footer[28:40] = b"vbox" + b"\x00\x04\x00\x00" + b"Wi2k"
+    struct.pack_into(">I", footer, 64, _vhd_checksum(footer))
+    header = bytearray(data[512:1536])
+    entries = struct.unpack_from(">I", header, 28)[0]
+    at = 1536 + -(-entries * 4 // 512) * 512
+    reserved = 0
+    for index, (code, space) in enumerate(
+        ((b"Wi2r", 512), (b"Wi2k", 512), (b"W2ru", 1024), (b"W2ku", 1024))
+    ):
+        struct.pack_into(">4sIIIQ", header, 576 + 24 * index, code, space // 512, 0, 0, at)
+        at += space
+        reserved += space
+    struct.pack_into(">I", header, 36, 0)
+    struct.pack_into(">I", header, 36, ~sum(header) & 0xFFFFFFFF)
+    body = bytes(footer) + bytes(header) + bytes(data[1536:-512])
+    path.write_bytes(body + bytes(reserved) + bytes(footer))
+    verdict = assert_passes_like_qemu(path, "vpc", "dynamic")
+    assert verdict.info is not None and verdict.info.references == ()
