@@ -69,12 +69,15 @@ class Table:
 
     `loaded_at_open` is true for tables qemu allocates whole when it opens the image (qcow2 L1 and
     refcount tables, VHD BAT, VDI block map, ...): their length is memory qemu-img will allocate.
+    `in_file` is false for memory qemu allocates at open that is not a region of the file (the
+    in-memory dirty bitmaps of a qcow2); `offset` is then where the file describes it.
     """
 
     name: str
     offset: int
     length: int
     loaded_at_open: bool = True
+    in_file: bool = True
 
 
 @frozen

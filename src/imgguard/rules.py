@@ -506,7 +506,7 @@ def metadata_memory(info: ImageInfo, request: Request) -> Iterator[Hit]:
 )
 def table_past_eof(info: ImageInfo, request: Request) -> Iterator[Hit]:
     for table in info.tables:
-        if table.offset + table.length > info.file_size:
+        if table.in_file and table.offset + table.length > info.file_size:
             yield Hit(
                 f"{table.name} at offset {table.offset} ({table.length} bytes) ends past "
                 f"the end of the file ({info.file_size} bytes)",

@@ -21,7 +21,7 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import Any
 
-from construct import Const, Enum, Int32ub, Int64ub, Struct
+from construct import Const, Enum, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from imgguard.errors import ImageError, LimitExceeded, TruncatedImage
 from imgguard.formats._common import c_string
@@ -124,6 +124,20 @@ BITMAPS_EXTENSION = Struct(
     "bitmap_directory_offset" / Int64ub,
 ).compile()
 BITMAPS_EXTENSION_SIZE = 24
+# Qcow2BitmapDirEntry: the fixed part of a bitmap directory entry, then extra data and the name,
+# padded to 8 bytes.
+BITMAP_DIR_ENTRY = Struct(
+    "bitmap_table_offset" / Int64ub,
+    "bitmap_table_size" / Int32ub,
+    "flags" / Int32ub,
+    "type" / Int8ub,
+    "granularity_bits" / Int8ub,
+    "name_size" / Int16ub,
+    "extra_data_size" / Int32ub,
+).compile()
+BITMAP_DIR_ENTRY_SIZE = 24
+# imgguard reads at most this much of a bitmap directory (qemu allows 64 MiB).
+BITMAP_DIRECTORY_READ_CAP = 256 << 10
 # One entry of the feature name table: type (1), bit (1), name (46).
 FEATURE_TABLE_ENTRY_SIZE = 48
 # sizeof(QCowSnapshotHeader): the fixed part of a snapshot table entry.
@@ -827,6 +841,10 @@ class _Inspection:
         self.tables.append(
             Table(name="bitmap_directory", offset=directory_offset, length=directory_size)
         )
+        if 0 < nb_bitmaps <= QCOW2_MAX_BITMAPS and (
+            directory_size <= QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+        ):
+            self._bitmap_memory(directory_offset, directory_size, nb_bitmaps)
         self._check_region(
             "bitmap_directory",
             "bitmaps.bitmap_directory_offset",
@@ -834,6 +852,48 @@ class _Inspection:
             directory_offset,
             directory_size,
             cluster_size,
+        )
+
+    def _bitmap_memory(self, directory_offset: int, directory_size: int, nb_bitmaps: int) -> None:
+        """The memory qcow2_load_dirty_bitmaps() allocates at open, even for `qemu-img info`.
+
+        load_bitmap() creates an in-memory dirty bitmap of ceil(disk size / granularity) bits
+        for every entry (an HBitmap: one bit per granule, 8-byte words), and fills it from the
+        bitmap table; a table entry of 1 ("all ones") makes qemu write every byte of it. So a
+        small file whose entries say granularity 512 on a 2 TiB disk costs 512 MiB of memory per
+        bitmap: qemu-img info on a 650 KB file with three of them took 1.6 GB.
+        """
+        disk = self.header["size"] // 512 * 512
+        read = min(directory_size, BITMAP_DIRECTORY_READ_CAP)
+        data = self._read_padded(directory_offset, read, "bitmap_directory")
+        total = 0
+        pos = 0
+        parsed = 0
+        while parsed < nb_bitmaps and pos + BITMAP_DIR_ENTRY_SIZE <= len(data):
+            entry = BITMAP_DIR_ENTRY.parse(data[pos : pos + BITMAP_DIR_ENTRY_SIZE])
+            granules = -(-disk >> entry.granularity_bits) if disk else 0
+            total += -(-granules // 64) * 8
+            parsed += 1
+            size = BITMAP_DIR_ENTRY_SIZE + entry.extra_data_size + entry.name_size
+            pos += (size + 7) & ~7
+        self.header["bitmap_memory"] = total
+        if parsed < nb_bitmaps and directory_size > read:
+            self.problem(
+                ProblemKind.LIMIT,
+                f"the bitmap directory ({directory_size} bytes) holds more bitmaps than the "
+                f"{read} bytes imgguard reads; only {parsed} of {nb_bitmaps} were counted",
+                "bitmaps.bitmap_directory_size",
+                directory_offset,
+            )
+        # Memory, not a region of the file: loaded at open, but never "past the end".
+        self.tables.append(
+            Table(
+                name="dirty_bitmaps",
+                offset=directory_offset,
+                length=total,
+                loaded_at_open=True,
+                in_file=False,
+            )
         )
 
     # --- backing file and encryption -------------------------------------------------------

@@ -1110,6 +1110,20 @@ def _inspect_vmdk4(reader: ImageReader) -> ImageInfo:
                         offset=header_at + 48,
                     )
                 )
+    if compressed and 0 < granularity <= MAX_CLUSTER_SECTORS:
+        # vmdk_read_extent(): every read of a compressed grain allocates two grains for the
+        # compressed data (g_malloc(2 * cluster_bytes), read whole, past EOF as zeros) and one
+        # for the inflated grain. A 1 MiB streamOptimized file saying granularity 0x100000
+        # made `qemu-img convert` take 1 GB; 0x200000 overflows qemu's int and aborts it.
+        tables.append(
+            Table(
+                "compressed_grain_buffers",
+                header_at + 20,
+                3 * granularity * SECTOR,
+                loaded_at_open=True,
+                in_file=False,
+            )
+        )
     problems.extend(_size_problems(hdr["capacity"], "capacity", header_at + 12))
 
     header: dict[str, Any] = {

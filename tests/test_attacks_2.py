@@ -1,0 +1,155 @@
+"""Red-team pass 2: attack images that got past imgguard's default policy, each checked
+against the real qemu-img 7.2, with a near miss that must still pass.
+
+Every attack is a qemu-img-made image edited at the offsets the format's spec gives; each test
+says what qemu-img does with it and what imgguard did before the fix.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import imgguard
+from conftest import QEMU_IMG, qemu_convert, qemu_create, run_qemu_img
+from imgguard import Status, check, inspect
+
+PRLIMIT = shutil.which("prlimit")
+GiB = 1 << 30
+
+
+def rules(verdict: imgguard.Verdict) -> set[str]:
+    return {finding.rule for finding in verdict.rejecting}
+
+
+def assert_rejects(path: Path, *rule_ids: str) -> imgguard.Verdict:
+    verdict = check(path)
+    assert verdict.status is Status.REJECT, [(f.rule, f.message) for f in verdict.findings]
+    assert set(rule_ids) <= rules(verdict), sorted(rules(verdict))
+    return verdict
+
+
+def assert_passes(path: Path) -> imgguard.Verdict:
+    verdict = check(path)
+    assert verdict.status is Status.PASS, [(f.rule, f.message) for f in verdict.findings]
+    return verdict
+
+
+def qemu_img_limited(*args: str, address_space: int = GiB) -> subprocess.CompletedProcess[str]:
+    """qemu-img under the address-space cap OpenStack uses (OSSA-2015-014: 1 GiB)."""
+    assert QEMU_IMG is not None and PRLIMIT is not None
+    return subprocess.run(
+        [PRLIMIT, f"--as={address_space}", "--cpu=30", QEMU_IMG, *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+        timeout=120,
+    )
+
+
+# --- qcow2 persistent dirty bitmaps: memory qemu allocates at open ----------------------------
+
+
+def qcow2_bitmap_entries(data: bytes) -> list[tuple[int, int, int]]:
+    """(table offset, table size, granularity bits) of every bitmap directory entry."""
+    header_length = struct.unpack_from(">I", data, 100)[0]
+    offset = header_length
+    while True:
+        magic, length = struct.unpack_from(">II", data, offset)
+        assert magic != 0, "no bitmaps extension"
+        if magic == 0x23852875:
+            break
+        offset += 8 + (length + 7 & ~7)
+    nb_bitmaps, _, _, directory = struct.unpack_from(">IIQQ", data, offset + 8)
+    entries = []
+    for _ in range(nb_bitmaps):
+        table, size, _, _, bits, name_size, extra = struct.unpack_from(">QIIBBHI", data, directory)
+        entries.append((table, size, bits))
+        directory += 24 + extra + name_size + 7 & ~7
+    return entries
+
+
+def qcow2_with_bitmaps(path: Path, size: str, granularity: int, count: int) -> Path:
+    qemu_create(path, "qcow2", size)
+    for index in range(count):
+        run_qemu_img("bitmap", "--add", "-g", str(granularity), str(path), f"b{index}")
+    return path
+
+
+def test_qcow2_dirty_bitmaps_memory(tmp_path: Path) -> None:
+    """Was a bypass (formats/qcow2.py, rules IG503): qcow2_load_dirty_bitmaps() allocates, for
+    every persistent bitmap, one bit per granule of the whole disk, even for `qemu-img info`;
+    a bitmap table entry of 1 ("all ones") makes qemu write every byte of it. Three
+    granularity-512 bitmaps on a 2 TiB disk, all tables set to "all ones": a 655 KB file that
+    made `qemu-img info` take 1.6 GB of memory and 5 s (and abort under a 1 GiB address-space
+    cap). imgguard read only the bitmap directory's place and passed it."""
+    image = qcow2_with_bitmaps(tmp_path / "bitmaps.qcow2", "2T", 512, 3)
+    data = bytearray(image.read_bytes())
+    for table, size, bits in qcow2_bitmap_entries(bytes(data)):
+        assert bits == 9
+        for index in range(size):
+            struct.pack_into(">Q", data, table + 8 * index, 1)
+    image.write_bytes(bytes(data))
+    assert image.stat().st_size < 1 << 20
+    # qemu-img info cannot open it under the cap: each bitmap is a 512 MiB allocation.
+    limited = qemu_img_limited("info", "-f", "qcow2", str(image))
+    assert limited.returncode != 0
+    assert "failed to allocate 536870912 bytes" in limited.stderr
+
+    info = inspect(image)
+    assert info.header["bitmap_memory"] == 3 * (512 << 20)
+    table = next(table for table in info.tables if table.name == "dirty_bitmaps")
+    assert (table.length, table.loaded_at_open, table.in_file) == (3 * (512 << 20), True, False)
+    verdict = assert_rejects(image, "IG503")
+    assert "IG504" not in rules(verdict)  # memory, not a region past the end of the file
+
+
+def test_near_miss_qcow2_with_default_bitmaps(tmp_path: Path) -> None:
+    """A 1 TiB qcow2 with two bitmaps of the default granularity (64 KiB): 2 MiB each."""
+    image = qcow2_with_bitmaps(tmp_path / "bitmaps.qcow2", "1T", 65536, 2)
+    info = inspect(image)
+    assert info.header["bitmap_memory"] == 2 * (2 << 20)
+    assert qemu_img_limited("info", "-f", "qcow2", str(image)).returncode == 0
+    assert_passes(image)
+
+
+# --- streamOptimized VMDK: grain buffers of a compressed read ----------------------------------
+
+
+@pytest.fixture
+def stream_vmdk(tmp_path: Path) -> Path:
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(bytes(range(256)) * 4096)
+    return qemu_convert(raw, tmp_path / "stream.vmdk", "vmdk", ("subformat=streamOptimized",))
+
+
+def test_vmdk_stream_optimized_huge_grain(tmp_path: Path, stream_vmdk: Path) -> None:
+    """Was a bypass (formats/vmdk.py): vmdk_read_extent() reads a compressed grain into
+    g_malloc(2 * grain) and inflates it into g_malloc(grain). A 1 MiB streamOptimized file
+    whose granularity says 0x100000 sectors (512 MiB grains) made `qemu-img convert` take 1 GB
+    of memory before failing; 0x200000 overflows qemu's int and aborts it. Both passed."""
+    data = bytearray(stream_vmdk.read_bytes())
+    assert struct.unpack_from("<Q", data, 20)[0] == 128
+    struct.pack_into("<Q", data, 20, 0x100000)
+    image = tmp_path / "big-grain.vmdk"
+    image.write_bytes(bytes(data))
+    assert image.stat().st_size < 2 << 20
+    result = qemu_img_limited("convert", "-f", "vmdk", "-O", "raw", str(image), str(tmp_path / "o"))
+    assert result.returncode != 0
+    info = inspect(image)
+    assert (info.variant, info.cluster_size) == ("streamOptimized", 512 << 20)
+    table = next(table for table in info.tables if table.name == "compressed_grain_buffers")
+    assert (table.length, table.in_file) == (3 * (512 << 20), False)
+    assert_rejects(image, "IG503")
+
+
+def test_near_miss_vmdk_stream_optimized(stream_vmdk: Path) -> None:
+    info = inspect(stream_vmdk)
+    table = next(table for table in info.tables if table.name == "compressed_grain_buffers")
+    assert table.length == 3 * 65536
+    assert_passes(stream_vmdk)
