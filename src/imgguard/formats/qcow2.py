@@ -136,6 +136,7 @@ BITMAP_DIR_ENTRY = Struct(
     "extra_data_size" / Int32ub,
 ).compile()
 BITMAP_DIR_ENTRY_SIZE = 24
+_unpack_bitmap_dir_entry = fields_unpacker(BITMAP_DIR_ENTRY)
 # imgguard reads at most this much of a bitmap directory (qemu allows 64 MiB).
 BITMAP_DIRECTORY_READ_CAP = 256 << 10
 # One entry of the feature name table: type (1), bit (1), name (46).
@@ -870,11 +871,14 @@ class _Inspection:
         pos = 0
         parsed = 0
         while parsed < nb_bitmaps and pos + BITMAP_DIR_ENTRY_SIZE <= len(data):
-            entry = BITMAP_DIR_ENTRY.parse(data[pos : pos + BITMAP_DIR_ENTRY_SIZE])
-            granules = -(-disk >> entry.granularity_bits) if disk else 0
+            # Up to ~10,000 entries in the bytes read: unpacked, not parsed one by one.
+            _, _, _, _, granularity_bits, name_size, extra_data_size = _unpack_bitmap_dir_entry(
+                data, pos
+            )
+            granules = -(-disk >> granularity_bits) if disk else 0
             total += -(-granules // 64) * 8
             parsed += 1
-            size = BITMAP_DIR_ENTRY_SIZE + entry.extra_data_size + entry.name_size
+            size = BITMAP_DIR_ENTRY_SIZE + extra_data_size + name_size
             pos += (size + 7) & ~7
         self.header["bitmap_memory"] = total
         if parsed < nb_bitmaps and directory_size > read:
