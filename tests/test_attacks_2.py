@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import imgguard
-from conftest import QEMU_IMG, qemu_convert, qemu_create, run_qemu_img
+from conftest import QEMU_IMG, qemu_convert, qemu_create, qemu_info, run_qemu_img
 from imgguard import Status, check, inspect
 
 PRLIMIT = shutil.which("prlimit")
@@ -153,3 +153,46 @@ def test_near_miss_vmdk_stream_optimized(stream_vmdk: Path) -> None:
     table = next(table for table in info.tables if table.name == "compressed_grain_buffers")
     assert table.length == 3 * 65536
     assert_passes(stream_vmdk)
+
+
+# --- raw: qemu's virtual size is the length rounded up to whole sectors -------------------------
+
+
+@pytest.mark.parametrize("length", [1, 511, 1000, 4096, 65536 + 7])
+def test_raw_virtual_size_is_rounded_up_to_sectors(tmp_path: Path, length: int) -> None:
+    """Was wrong (formats/raw.py and the raw layouts): refresh_total_sectors() takes
+    DIV_ROUND_UP(length, 512), so `qemu-img info` says a 1000-byte raw file is a 1024-byte
+    disk; imgguard said 1000. The raw layouts (ISO 9660, GPT, MBR, a gzip container) and a
+    layout that cannot be read are raw disks too."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\xf6" * length)
+    info = inspect(image)
+    assert info.virtual_size == qemu_info(image)["virtual-size"] == -(-length // 512) * 512
+    assert_passes(image)
+
+
+def test_truncated_iso_virtual_size_matches_qemu(tmp_path: Path) -> None:
+    source = tmp_path / "tree"
+    source.mkdir()
+    (source / "file.txt").write_text("imgguard")
+    iso = tmp_path / "full.iso"
+    subprocess.run(
+        ["genisoimage", "-quiet", "-o", str(iso), str(source)], check=True, capture_output=True
+    )
+    image = tmp_path / "cut.iso"
+    image.write_bytes(iso.read_bytes()[:36000])
+    info = inspect(image)
+    assert (info.format, info.variant) == ("raw", "iso9660")
+    assert info.virtual_size == qemu_info(image)["virtual-size"] == 36352
+
+
+def test_luks_virtual_size_is_rounded_up_to_sectors(tmp_path: Path) -> None:
+    """Was wrong (formats/luks.py): qemu's LUKS size is the file's length rounded up to whole
+    sectors, minus the payload offset; imgguard did not round."""
+    image = qemu_create(
+        tmp_path / "x.luks", "luks", "1M", ("key-secret=sec0", "iter-time=10"), secret=True
+    )
+    with image.open("ab") as file:
+        file.write(b"\x01" * 100)
+    info = inspect(image)
+    assert info.virtual_size == qemu_info(image)["virtual-size"] == (1 << 20) + 512

@@ -13,6 +13,7 @@ is a polyglot.
 from __future__ import annotations
 
 from imgguard.compressed import CONTAINER_MAGICS, container_of
+from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import FormatDriver
 from imgguard.model import ImageInfo
 from imgguard.reader import ImageReader
@@ -38,7 +39,7 @@ def inspect(reader: ImageReader) -> ImageInfo:
         header["gzip_flags"] = head[3]
         header["gzip_mtime"] = int.from_bytes(head[4:8], "little")
         header["gzip_os"] = head[9]
-    return ImageInfo(format="raw", variant=NAME, virtual_size=reader.size, header=header)
+    return ImageInfo(format="raw", variant=NAME, virtual_size=qemu_length(reader), header=header)
 
 
 DRIVER = FormatDriver(
