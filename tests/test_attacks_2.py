@@ -7,9 +7,12 @@ says what qemu-img does with it and what imgguard did before the fix.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ import pytest
 import imgguard
 from conftest import QEMU_IMG, qemu_convert, qemu_create, qemu_info, run_qemu_img
 from imgguard import Status, check, inspect
+from imgguard.report.text import printable
 
 PRLIMIT = shutil.which("prlimit")
 GiB = 1 << 30
@@ -196,3 +200,59 @@ def test_luks_virtual_size_is_rounded_up_to_sectors(tmp_path: Path) -> None:
         file.write(b"\x01" * 100)
     info = inspect(image)
     assert info.virtual_size == qemu_info(image)["virtual-size"] == (1 << 20) + 512
+
+
+# --- text reports: names from the image or the tree never reach the terminal raw --------------
+
+HOSTILE_NAME = "/x\x1b[2J\x1b[32mPASS\nfake"
+
+
+def imgguard_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imgguard", *args],
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        check=False,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(imgguard.__file__).parent.parent)},
+    )
+
+
+def test_inspect_text_escapes_names_from_the_image(tmp_path: Path) -> None:
+    """Was a terminal-injection (cli.py): `imgguard inspect` printed the backing file name
+    (and every other string from the header) raw, so an image could clear the operator's
+    screen and print a fake line; the JSON report keeps the name exactly."""
+    image = tmp_path / "esc.qcow2"
+    args = ("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", HOSTILE_NAME, str(image))
+    run_qemu_img(*args, "1M")
+    assert inspect(image).backing_file == HOSTILE_NAME
+    result = imgguard_cli("inspect", str(image))
+    assert result.returncode == 0
+    assert "\x1b" not in result.stdout and "\nfake" not in result.stdout
+    assert "backing_file    /x\\x1b[2J\\x1b[32mPASS\\nfake" in result.stdout
+    document = imgguard_cli("inspect", "--format", "json", str(image))
+    assert json.loads(document.stdout)["backing_file"] == HOSTILE_NAME
+
+
+def test_scan_text_escapes_paths(tmp_path: Path) -> None:
+    """Was a report-line forgery (report/text.py): a file named "a\\nb.qcow2 ... PASS" in a
+    scanned tree printed its own line; an undecodable byte printed as U+FFFD."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    seed = qemu_create(tmp_path / "seed.qcow2", "qcow2", "1M").read_bytes()
+    names = ["a\nb.qcow2", "y\x1b[31m.qcow2", os.fsdecode(b"x\xff.qcow2")]
+    for name in names:
+        (tree / name).write_bytes(seed)
+    result = imgguard_cli("scan", "--no-progress", str(tree))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 + len(names) + 2  # header, one line per image, blank, summary
+    assert f"{tree}/a\\nb.qcow2" in result.stdout
+    assert f"{tree}/y\\x1b[31m.qcow2" in result.stdout
+    assert f"{tree}/x\\xff.qcow2" in result.stdout
+
+
+def test_near_miss_plain_names_print_unchanged() -> None:
+    assert printable("/srv/images/Ubuntu 22.04 (ça).qcow2") == "/srv/images/Ubuntu 22.04 (ça).qcow2"

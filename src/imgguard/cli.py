@@ -36,6 +36,7 @@ from imgguard.errors import ConfigError, ImageError
 from imgguard.model import Policy, Status, Verdict
 from imgguard.policy import check
 from imgguard.report import RENDERERS, Run
+from imgguard.report.text import printable
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -529,7 +530,7 @@ class _PlainProgress:
     """No bar (stderr is not a terminal, or --no-progress): logs go straight to stderr."""
 
     def log(self, message: str) -> None:
-        print(f"imgguard: {message}", file=sys.stderr, flush=True)
+        print(f"imgguard: {printable(message)}", file=sys.stderr, flush=True)
 
     def advance(self, description: str) -> None:
         pass
@@ -567,10 +568,10 @@ class _RichProgress:
         self._bar.start()
 
     def log(self, message: str) -> None:
-        self._console.print(f"imgguard: {message}", markup=False, highlight=False)
+        self._console.print(f"imgguard: {printable(message)}", markup=False, highlight=False)
 
     def advance(self, description: str) -> None:
-        self._bar.update(self._task, advance=1, description=description)
+        self._bar.update(self._task, advance=1, description=printable(description))
 
     def stop(self) -> None:
         self._bar.stop()
@@ -704,7 +705,7 @@ def inspect_one(args: argparse.Namespace) -> int:
     try:
         info = inspect(args.path)
     except ImageError as error:
-        print(f"imgguard: {args.path}: {error}", file=sys.stderr)
+        print(f"imgguard: {printable(f'{args.path}: {error}')}", file=sys.stderr)
         return EXIT_FINDINGS
     if args.report == "json":
         document = attrs.asdict(info, value_serializer=_serialise)
@@ -753,7 +754,9 @@ def _plain(value: object) -> str:
 def _plain_scalar(value: object) -> str:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).hex()
-    return str(value)
+    # Names and strings from the image (backing file, createType, creator): never raw control
+    # characters on the terminal.
+    return printable(str(value))
 
 
 def list_rules(args: argparse.Namespace) -> int:

@@ -10,6 +10,28 @@ from imgguard.report._run import Run, counts
 HEADER = ("PATH", "FORMAT", "VIRTUAL SIZE", "VERDICT", "TOP FINDING")
 
 
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: control characters (newlines, ESC sequences, ...)
+    and bytes that were not UTF-8 become backslash escapes.
+
+    Paths come from the scanned tree and names, createTypes and creator strings from the image
+    itself: printed raw, a name holding "\\x1b[2J" or a newline could clear the operator's screen
+    or forge a report line ("... PASS").
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode() could not decode
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(char.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def human_size(size: int | None) -> str:
     if size is None:
         return "-"
@@ -38,11 +60,11 @@ def _row(verdict: Verdict) -> tuple[str, str, str, str, str]:
     if info is not None:
         kind = f"{info.format}/{info.variant}" if info.variant else info.format
     return (
-        verdict.path or "-",
-        kind,
+        printable(verdict.path or "-"),
+        printable(kind),
         human_size(info.virtual_size if info else None),
         str(verdict.status).upper(),
-        top_finding(verdict),
+        printable(top_finding(verdict)),
     )
 
 
