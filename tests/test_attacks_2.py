@@ -256,3 +256,27 @@ def test_scan_text_escapes_paths(tmp_path: Path) -> None:
 
 def test_near_miss_plain_names_print_unchanged() -> None:
     assert printable("/srv/images/Ubuntu 22.04 (ça).qcow2") == "/srv/images/Ubuntu 22.04 (ça).qcow2"
+
+
+# --- a file's name is not a second format ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vpc", "vdi"])
+def test_near_miss_image_named_dmg(tmp_path: Path, fmt: str) -> None:
+    """Was a false alarm (inspection.py, stream.py): qemu's dmg prober scores 2 for any name
+    ending in ".dmg", so a qcow2 uploaded as "disk.dmg" was "valid as qcow2, dmg" (IG201).
+    qemu reads it as qcow2; the name alone is no reading of the bytes."""
+    image = qemu_create(tmp_path / "disk.dmg", fmt, "1M")
+    info = inspect(image)
+    assert info.format == info.qemu_format == qemu_info(image)["format"] == fmt
+    assert info.matches == (fmt,)
+    assert_passes(image)
+
+
+def test_raw_bytes_named_dmg_are_still_dmg_to_qemu(tmp_path: Path) -> None:
+    # Where nothing else scores, the name makes qemu pick dmg (and fail): still refused.
+    image = tmp_path / "disk.dmg"
+    image.write_bytes(bytes(1 << 20))
+    info = inspect(image)
+    assert (info.format, info.qemu_format) == ("dmg", "dmg")
+    assert_rejects(image, "IG203")

@@ -243,7 +243,7 @@ def _probe_every_driver(reader: ImageReader) -> tuple[str, list[str]]:
         score = driver.probe(reader)
         if score > best_score:
             best, best_score = driver.name, score
-        if score > 0 or driver.recognise(reader):
+        if (score > 0 and not driver.probe_by_name) or driver.recognise(reader):
             recognised.append(driver.name)
     recognised += [driver.name for driver in formats.layout_drivers() if driver.recognise(reader)]
     return best, recognised

@@ -215,7 +215,10 @@ def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
         score = 0 if probe is None else probe(reader)
         if score > best_score:
             best, best_score = driver, score
-        if score > 0 or (recognise is not None and recognise(reader)):
+        # A score from the file's name alone (dmg) is no reading of the bytes.
+        if (score > 0 and not driver.probe_by_name) or (
+            recognise is not None and recognise(reader)
+        ):
             recognised.append(driver)
     for driver, recognise_layout in layouts:
         if recognise_layout(reader):

@@ -305,7 +305,7 @@ def _early_info(reader: ImageReader, length: _UnknownLength) -> ImageInfo:
         score = driver.probe(reader)
         if score > best_score:
             best, best_score = driver, score
-        if score > 0:
+        if score > 0 and not driver.probe_by_name:
             recognised.append(driver)
         elif driver.recognise is not _never:
             _recognise(driver, reader, recognised, pending)

@@ -31,6 +31,10 @@ class FormatDriver:
     begins at offset 0 (fixed VHD, dmg): a raw layout found there is the guest's, not a second
     format.
 
+    `probe_by_name` marks a prober that looks at the file's name, not its bytes (qemu's dmg
+    prober scores 2 for any name ending in ".dmg"): its score decides qemu's choice, but it does
+    not make the bytes a second format when another driver wins.
+
     `magic`, when not empty, says that `probe` scores 0 for any file whose first bytes start
     with none of these, and `recognise_magic` the same of `recognise` (each at least 4 bytes
     long; a footer recogniser has none). The detector uses them only to skip the calls that
@@ -50,6 +54,7 @@ class FormatDriver:
     raw_layout: bool = False
     data_at_start: bool = False
     magic: tuple[bytes, ...] = ()
+    probe_by_name: bool = False
     recognise_magic: tuple[bytes, ...] = ()
     probe_signatures: tuple[Signature, ...] = ()
     recognise_signatures: tuple[Signature, ...] = ()

@@ -521,4 +521,5 @@ DRIVER = FormatDriver(
     recognise=recognise,
     data_at_start=True,
     recognise_signatures=((-KOLY_SIZE, (KOLY_SIGNATURE,)),),
+    probe_by_name=True,
 )
