@@ -20,6 +20,8 @@ import pytest
 import imgguard
 from conftest import QEMU_IMG, qemu_convert, qemu_create, qemu_info, run_qemu_img
 from imgguard import Status, check, inspect
+from imgguard.inspection import inspect_reader
+from imgguard.reader import ImageReader
 from imgguard.report.text import printable
 
 PRLIMIT = shutil.which("prlimit")
@@ -280,3 +282,23 @@ def test_raw_bytes_named_dmg_are_still_dmg_to_qemu(tmp_path: Path) -> None:
     info = inspect(image)
     assert (info.format, info.qemu_format) == ("dmg", "dmg")
     assert_rejects(image, "IG203")
+
+
+def test_qcow2_bitmap_directory_read_is_bounded(tmp_path: Path) -> None:
+    """65535 bitmaps whose directory (up to 64 MiB, qemu's cap) imgguard cannot read whole:
+    it reads 256 KiB of it, counts what it read, and says the rest was not counted."""
+    image = qcow2_with_bitmaps(tmp_path / "many.qcow2", "1G", 65536, 1)
+    data = bytearray(image.read_bytes())
+    header_length = struct.unpack_from(">I", data, 100)[0]
+    offset = header_length
+    while struct.unpack_from(">I", data, offset)[0] != 0x23852875:
+        offset += 8 + (struct.unpack_from(">I", data, offset + 4)[0] + 7 & ~7)
+    struct.pack_into(">I", data, offset + 8, 65535)  # nb_bitmaps
+    struct.pack_into(">Q", data, offset + 16, 65535 * 1024)  # bitmap_directory_size
+    image.write_bytes(bytes(data))
+    reader = ImageReader.from_bytes(bytes(data), name=str(image))
+    info = inspect_reader(reader)
+    assert reader.bytes_read < 1 << 20
+    limits = [p for p in info.problems if p.kind.name == "LIMIT"]
+    assert [p.field for p in limits] == ["bitmaps.bitmap_directory_size"]
+    assert_rejects(image, "IG604")
