@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import imgguard
 from imgguard import ImageError, ImageInfo, Status, formats, testing
 from imgguard.inspection import inspect_reader
-from imgguard.reader import HEAD_SIZE, MAX_REGION, TAIL_SIZE, ImageReader
+from imgguard.reader import HEAD_SIZE, MAX_REGION, TAIL_SIZE, ImageReader, open_image
 
 SCALE = int(os.environ.get("IMGGUARD_PROPERTY_SCALE", "1"))
 
@@ -432,3 +432,21 @@ def test_hypothesis_is_optional_at_runtime() -> None:
     assert result.returncode == 0, result.stderr
     status, testing_module = result.stdout.split()
     assert status in ("pass", "reject") and testing_module == "no-testing"
+
+
+@_settings(80)
+@given(
+    size=st.one_of(
+        st.integers(0, 6000),
+        st.sampled_from([0, 1, 1535, 1536, 1537, 4095, 4096, 4097, 5631, 5632, 5633, 9000]),
+    )
+)
+def test_read_ends_reads_what_head_and_tail_read(
+    size: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tmp_path_factory.mktemp("ends") / "image"
+    path.write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
+    with open_image(path) as (lazy, _), open_image(path) as (eager, _):
+        eager.read_ends()
+        assert (eager.head, eager.tail) == (lazy.head, lazy.tail)
+        assert (eager.reads, eager.bytes_read) == (lazy.reads, lazy.bytes_read)

@@ -35,6 +35,7 @@ def inspect(image: ImageSource) -> ImageInfo:
         fd, file_stat = open_regular(name)
         try:
             reader = ImageReader(None, size=file_stat.st_size, name=name, fd=fd)
+            reader.read_ends()
             # qemu-img's "actual-size" is the space allocated on disk, not the length.
             return _inspect(reader, actual_size=file_stat.st_blocks * 512)
         finally:

@@ -125,6 +125,43 @@ class ImageReader:
             self._tail = self._pread(start, self.size - start)
         return self._tail
 
+    def read_ends(self) -> None:
+        """Read the head and the tail now, as every inspection of a whole file does first: the
+        reads (and counts) of `head` then `tail`, in one step instead of two attribute lookups
+        and their calls."""
+        fd = self._fd
+        if fd is None or "head" in self.__dict__ or "tail" in self.__dict__:
+            self.head, self.tail  # noqa: B018 - computed and kept by _ReadOnce
+            return
+        size = self.size
+        pread = os.pread
+        head = tail = b""
+        offset = 0
+        try:
+            if size > 0:
+                head = pread(fd, size if size < HEAD_SIZE else HEAD_SIZE, 0)
+                self.reads += 1
+                self.bytes_read += len(head)
+            start = size - TAIL_SIZE if size > TAIL_SIZE else 0
+            rest: bytes | None = None  # what the tail needed beyond the head, when it was read
+            if start < len(head):
+                offset = len(head)
+                if size > offset:
+                    rest = pread(fd, size - offset, offset)
+                tail = head[start:] + (rest or b"")
+            elif size > start:
+                offset = start
+                rest = tail = pread(fd, size - start, start)
+        except OSError as error:
+            raise UnreadableImage(
+                f"read failed: {error.strerror or error}", offset=offset
+            ) from error
+        if rest is not None:
+            self.reads += 1
+            self.bytes_read += len(rest)
+        self._head = self.__dict__["head"] = head
+        self._tail = self.__dict__["tail"] = tail
+
     def read(self, offset: int, length: int, *, field: str, cap: int = MAX_REGION) -> bytes:
         """Exactly `length` bytes at `offset`, or an `ImageError` naming `field`."""
         if offset < 0:
