@@ -71,7 +71,14 @@ def check(
             status = Status.REJECT
             break
     # Positional: Verdict(status, info, findings, waived, fail_on, path).
-    return Verdict(status, info, tuple(kept), tuple(waived), fail_on, info.path or path)
+    return Verdict(
+        status,
+        info,
+        tuple(kept) if kept else (),
+        tuple(waived) if waived else (),
+        fail_on,
+        info.path or path,
+    )
 
 
 def _verdict_without_info(

@@ -142,10 +142,10 @@ _B64_DELETE = bytes(sorted(set(range(256)) - set(_B64_ALPHABET + b"=")))
 def probe(reader: ImageReader) -> int:
     # dmg_probe(): only the file name, "len > 4 && ends with .dmg" scores 2.
     name = reader.name
-    if name is None:
-        return 0
-    encoded = name.encode("utf-8", "surrogateescape")
-    return 2 if len(encoded) > 4 and encoded.endswith(b".dmg") else 0
+    # The encoded name ends with b".dmg" exactly when the str does (surrogateescape maps
+    # undecodable bytes to lone surrogates, never to ASCII), and a str of 5 or more
+    # characters encodes to 5 or more bytes.
+    return 2 if name is not None and len(name) > 4 and name.endswith(".dmg") else 0
 
 
 def recognise(reader: ImageReader) -> bool:

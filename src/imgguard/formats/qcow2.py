@@ -535,6 +535,7 @@ class _Inspection:
                 56,
             )
         file_size = self.reader.size
+        add_table = self.tables.append
         for name, offset_field, offset_at, count_field, count_at, entry_len, max_bytes in _TABLES:
             # qcow2_validate_table(), then the table as a fact.
             offset: int = v2[offset_field]
@@ -558,7 +559,7 @@ class _Inspection:
                 )
             if entries == 0:
                 continue
-            self.tables.append(Table(name, offset, length))
+            add_table(Table(name, offset, length))
             if offset + length > file_size or offset < cluster_size:
                 self._check_region(name, offset_field, offset_at, offset, length, cluster_size)
 
@@ -616,10 +617,12 @@ class _Inspection:
         unknown: list[int] = []
         seen: set[int] = set()
         head = self.reader.head
+        head_end = len(head) - EXTENSION_HEADER_SIZE
+        file_size = self.reader.size
         offset = start
         count = 0
         while offset < end:
-            if offset >= self.reader.size:
+            if offset >= file_size:
                 break  # qemu reads zeros: an end-of-extensions marker
             if count == MAX_EXTENSIONS:
                 self.problem(
@@ -631,7 +634,7 @@ class _Inspection:
                 break
             count += 1
             ext_offset = offset
-            if offset + EXTENSION_HEADER_SIZE <= len(head):
+            if offset <= head_end:
                 magic, length = _unpack_extension_header(head, offset)
             else:
                 ext = parse_struct(
