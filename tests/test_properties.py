@@ -356,6 +356,8 @@ def test_matches_shortcut_gives_what_matches_gives(image: Any) -> None:
             [
                 {},
                 {"nb_snapshots": 5000},
+                {"nb_snapshots": 0},
+                {"container": ""},
                 {"container": "xz"},
                 {"container": "gzip", "container_inspected": True},
                 {"decompression_failed": "bomb"},

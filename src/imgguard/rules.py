@@ -55,7 +55,7 @@ class Rule:
     `evaluate` does not run it. An empty `needs` means the rule always runs. `asks` likewise
     names `Request` fields: when every one of them is None, `evaluate` does not run the rule.
     A rule with `formats` runs only on images of those formats, one with `header_keys` only on
-    images whose `header` has one of those keys. A `passive` rule never finds anything in
+    images whose `header` has a true value (not None, 0 or empty) for one of those keys. A `passive` rule never finds anything in
     `evaluate` (its findings are made by `check()` or the stream inspector themselves), so
     `evaluate` does not run it."""
 
@@ -526,7 +526,8 @@ def table_past_eof(info: ImageInfo, request: Request) -> Iterator[Hit]:
 )
 def snapshot_count(info: ImageInfo, request: Request) -> Iterator[Hit]:
     count = info.header.get("nb_snapshots")
-    if isinstance(count, int) and count > request.policy.max_snapshots:
+    # No snapshots are never too many, whatever the cap.
+    if isinstance(count, int) and count > 0 and count > request.policy.max_snapshots:
         yield Hit(
             f"{count} snapshots, over the cap of {request.policy.max_snapshots}",
             field="nb_snapshots",
@@ -778,7 +779,7 @@ def evaluate(info: ImageInfo, request: Request) -> tuple[list[Finding], list[Fin
 
 
 # The rules to run, in RULES order, per image format and combination of which `needs` fields
-# of the image are non-empty, which `header_keys` its header has and which `asks` fields of the
+# of the image are non-empty, which `header_keys` its header has a true value for and which `asks` fields of the
 # request are set: most images have no references, features, problems or encryption and most
 # requests no claimed format, target size or conversion, so the ~30 rules come down to a handful
 # without testing each rule's conditions per image.
@@ -801,7 +802,7 @@ def _presence_function() -> Callable[[ImageInfo, Request], tuple[object, ...]]:
             raise ValueError(f"rule condition {name!r} is not a field name")
     terms = ["info.format"]
     terms += [f"not not info.{name}" for name in needs]
-    terms += [f"{key!r} in header" for key in header_keys]
+    terms += [f"not not header.get({key!r})" for key in header_keys]
     terms += [f"request.{name} is not None" for name in asks]
     source = (
         "def presence(info, request):\n"
