@@ -32,7 +32,7 @@ def inspect(image: ImageSource) -> ImageInfo:
     if isinstance(image, (str, os.PathLike)):
         # open_image() without its context manager: this is the hot path of every scan.
         name = os.fspath(image)
-        fd, file_stat = open_regular(name)
+        fd, file_stat = open_regular(name, fstat=False)
         try:
             reader = ImageReader(None, size=file_stat.st_size, name=name, fd=fd)
             reader.read_ends()

@@ -267,10 +267,18 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[tuple[ImageReader, os.s
         os.close(fd)
 
 
-def open_regular(name: str) -> tuple[int, os.stat_result]:
+def open_regular(name: str, *, fstat: bool = True) -> tuple[int, os.stat_result]:
     """A read-only descriptor of the regular file `name` and its fstat; the caller closes it.
 
-    `open_image` without the context manager, for the detector's hot path.
+    `open_image` without the context manager. The lstat refuses a symlink, device, FIFO or
+    socket before anything is opened (opening a device node has effects of its own);
+    O_NOFOLLOW and O_NONBLOCK keep a path swapped for a symlink or a FIFO after it from being
+    followed or blocking. The fstat then checks the descriptor itself: where the descriptor
+    outlives the call (the backend hands it to qemu-img), its size and type must be those of
+    the file opened. `fstat=False` (the detector's `inspect(path)`, which reads and closes the
+    descriptor at once) returns the lstat instead and saves a system call: a file swapped in
+    between is inspected with the first one's size, which gives a verdict on the swapped-in
+    bytes no less stale than a swap just after the check would.
     """
     try:
         link_stat = os.lstat(name)
@@ -282,6 +290,8 @@ def open_regular(name: str) -> tuple[int, os.stat_result]:
         fd = os.open(name, _OPEN_FLAGS)
     except OSError as error:
         raise UnreadableImage(f"cannot open {name}: {error.strerror or error}") from error
+    if not fstat:
+        return fd, link_stat
     try:
         file_stat = os.fstat(fd)
         # The path may have been swapped for something else between lstat and open.

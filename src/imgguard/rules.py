@@ -55,9 +55,9 @@ class Rule:
     `evaluate` does not run it. An empty `needs` means the rule always runs. `asks` likewise
     names `Request` fields: when every one of them is None, `evaluate` does not run the rule.
     A rule with `formats` runs only on images of those formats, one with `header_keys` only on
-    images whose `header` has a true value (not None, 0 or empty) for one of those keys. A `passive` rule never finds anything in
-    `evaluate` (its findings are made by `check()` or the stream inspector themselves), so
-    `evaluate` does not run it."""
+    images whose `header` has a true value (not None, 0 or empty) for one of those keys. A
+    `passive` rule never finds anything in `evaluate` (its findings are made by `check()` or
+    the stream inspector themselves), so `evaluate` does not run it."""
 
     id: str
     name: str
@@ -779,10 +779,10 @@ def evaluate(info: ImageInfo, request: Request) -> tuple[list[Finding], list[Fin
 
 
 # The rules to run, in RULES order, per image format and combination of which `needs` fields
-# of the image are non-empty, which `header_keys` its header has a true value for and which `asks` fields of the
-# request are set: most images have no references, features, problems or encryption and most
-# requests no claimed format, target size or conversion, so the ~30 rules come down to a handful
-# without testing each rule's conditions per image.
+# of the image are non-empty, which `header_keys` its header has a true value for and which
+# `asks` fields of the request are set: most images have no references, features, problems or
+# encryption and most requests no claimed format, target size or conversion, so the ~30 rules
+# come down to a handful without testing each rule's conditions per image.
 
 
 def _conditions() -> tuple[list[str], list[str], list[str]]:
