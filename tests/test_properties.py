@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -452,3 +453,88 @@ def test_read_ends_reads_what_head_and_tail_read(
         eager.read_ends()
         assert (eager.head, eager.tail) == (lazy.head, lazy.tail)
         assert (eager.reads, eager.bytes_read) == (lazy.reads, lazy.bytes_read)
+
+
+def _derivable_structs() -> list[tuple[str, Any]]:
+    """Every module-level construct definition in imgguard.formats that the struct-module
+    unpacker derives a function for."""
+    import importlib
+    import pkgutil
+
+    import construct
+
+    from imgguard import formats as package
+    from imgguard.reader import _unpacker
+
+    found = []
+    seen: set[int] = set()
+    for module_info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"imgguard.formats.{module_info.name}")
+        for name, value in vars(module).items():
+            definition = value.defersubcon if isinstance(value, construct.Compiled) else value
+            if (
+                type(definition) is construct.Struct
+                and id(value) not in seen
+                and _unpacker(value) is not None
+            ):
+                seen.add(id(value))
+                found.append((f"{module_info.name}.{name}", value))
+    return found
+
+
+def _with_constants(definition: Any, raw: bytes) -> bytes:
+    """`raw` with the top-level Const fields of a Struct set to their values."""
+    import construct
+
+    data = bytearray(raw)
+    offset = 0
+    for sub in definition.subcons:
+        con = sub.subcon if isinstance(sub, construct.Renamed) else sub
+        size = con.sizeof()
+        if isinstance(con, construct.Const):
+            data[offset : offset + size] = con.subcon.build(con.value)
+        offset += size
+    return bytes(data)
+
+
+def _plain(value: Any) -> Any:
+    """A parse result without construct's private `_io` keys, as plain dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize(("name", "definition"), _derivable_structs())
+@_settings(40)
+@given(data=st.data())
+def test_derived_unpacker_parses_as_construct_does(
+    name: str, definition: Any, data: st.DataObject
+) -> None:
+    import construct
+
+    from imgguard.reader import _fixed_size, _unpacker
+
+    size = _fixed_size(definition)
+    assert size is not None, name
+    interpreted = (
+        definition.defersubcon if isinstance(definition, construct.Compiled) else definition
+    )
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    raw = data.draw(
+        st.sampled_from([random.Random(seed).randbytes(size), bytes(size), b"\xff" * size])
+    )
+    if data.draw(st.booleans()):
+        raw = _with_constants(interpreted, raw)
+    fast = _unpacker(definition)
+    assert fast is not None
+    unpacked = fast(raw)
+    try:
+        expected = interpreted.parse(raw)
+    except construct.ConstructError:
+        assert unpacked is None, name  # a Const or OneOf that does not hold
+        return
+    assert unpacked is not None, name
+    assert _plain(unpacked) == _plain(expected), name
+    assert list(_plain(unpacked)) == list(_plain(expected)), name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import keyword
 import os
 import stat
 import struct as _struct
@@ -472,8 +473,15 @@ class _Derivation:
             for sub in con.subcons:
                 value = self.expression(sub)
                 if sub.name is not None:
-                    items.append(f"({sub.name!r}, {value})")
-            return f"Container([{', '.join(items)}])"
+                    items.append((sub.name, value))
+            names = [name for name, _ in items]
+            if len(set(names)) == len(names) and all(
+                name.isidentifier() and not keyword.iskeyword(name) for name in names
+            ):
+                # Keyword arguments: no tuple per field (a third cheaper than pairs).
+                return f"Container({', '.join(f'{name}={value}' for name, value in items)})"
+            pairs = ", ".join(f"({name!r}, {value})" for name, value in items)
+            return f"Container([{pairs}])"
         if (
             type(con) is construct.Padded
             and con.subcon is construct.Pass
