@@ -538,3 +538,35 @@ def test_derived_unpacker_parses_as_construct_does(
     assert unpacked is not None, name
     assert _plain(unpacked) == _plain(expected), name
     assert list(_plain(unpacked)) == list(_plain(expected)), name
+
+
+@_settings(80)
+@given(
+    data=st.binary(max_size=9000),
+    offset=st.integers(0, 9100),
+    length=st.integers(0, 16),
+    loaded=st.sampled_from(["none", "head", "ends"]),
+    from_fd=st.booleans(),
+)
+def test_peek_is_the_bytes_there(
+    data: bytes,
+    offset: int,
+    length: int,
+    loaded: str,
+    from_fd: bool,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    if from_fd:
+        path = tmp_path_factory.mktemp("peek") / "image"
+        path.write_bytes(data)
+        context: Any = open_image(path)
+    else:
+        context = contextlib.nullcontext((ImageReader.from_bytes(data), None))
+    with context as (reader, _):
+        if loaded != "none":
+            reader.head  # noqa: B018 - loads the head
+        if loaded == "ends":
+            reader.tail  # noqa: B018 - loads the tail
+        before = reader.bytes_read
+        assert reader.peek(offset, length) == data[offset : offset + length]
+        assert reader.bytes_read - before <= length

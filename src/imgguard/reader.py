@@ -203,18 +203,29 @@ class ImageReader:
         Counted like every read; `length` is at most HEAD_SIZE."""
         if offset < 0 or not 0 <= length <= HEAD_SIZE:
             raise ValueError(f"peek({offset}, {length}): a small region inside the file")
-        end = min(offset + length, self.size)
+        size = self.size
+        end = offset + length if offset + length < size else size
         if end <= offset:
             return b""
         head = self._head
         if head is not None and end <= len(head):
             return head[offset:end]
         tail = self._tail
-        if tail is not None:
-            tail_start = self.size - len(tail)
-            if offset >= tail_start:
-                return tail[offset - tail_start : end - tail_start]
-        return self._pread(offset, end - offset)
+        if tail is not None and offset >= size - len(tail):
+            return tail[offset - size + len(tail) : end - size + len(tail)]
+        fd = self._fd
+        if fd is None:
+            return self._pread(offset, end - offset)
+        # _pread() inline: a recogniser's peek is on every image's path.
+        try:
+            data = os.pread(fd, end - offset, offset)
+        except OSError as error:
+            raise UnreadableImage(
+                f"read of {end - offset} bytes failed: {error.strerror or error}", offset=offset
+            ) from error
+        self.bytes_read += len(data)
+        self.reads += 1
+        return data
 
     def _cached(self, offset: int, length: int) -> bytes | None:
         end = offset + length
