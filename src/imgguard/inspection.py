@@ -129,7 +129,11 @@ class _ProbePlan:
                 values_at.setdefault((offset, lengths.pop()), set()).update(values)
         self.positions = list(values_at)
         self.key: _SignatureKey = self._key_function(values_at)
+        # Per key, for files in whole 512-byte sectors and for the others.
         self.plans: dict[
+            tuple[bytes | None, ...], tuple[tuple[_Probe, ...], tuple[_Layout, ...]]
+        ] = {}
+        self.plans_ragged: dict[
             tuple[bytes | None, ...], tuple[tuple[_Probe, ...], tuple[_Layout, ...]]
         ] = {}
 
@@ -151,26 +155,30 @@ class _ProbePlan:
         return key
 
     def calls(
-        self, key: tuple[bytes | None, ...]
+        self, key: tuple[bytes | None, ...], whole_sectors: bool
     ) -> tuple[tuple[_Probe, ...], tuple[_Layout, ...]]:
-        found = self.plans.get(key)
+        plans = self.plans if whole_sectors else self.plans_ragged
+        found = plans.get(key)
         if found is None:
-            found = self.plans[key] = self._calls(key)
+            found = plans[key] = self._calls(key, whole_sectors)
         return found
 
     def _calls(
-        self, key: tuple[bytes | None, ...]
+        self, key: tuple[bytes | None, ...], whole_sectors: bool
     ) -> tuple[tuple[_Probe, ...], tuple[_Layout, ...]]:
         present = dict(zip(self.positions, key, strict=True))
         first4 = present[(0, 4)]
 
         def possible(magics: tuple[bytes, ...], signatures: tuple[Signature, ...]) -> bool:
             # The magic dispatch and the signatures leave out only calls that would score 0 or
-            # say False; everything else is called and decides.
+            # say False; everything else is called and decides. In a file whose size is not a
+            # multiple of 512, qemu reads "the end" at its length rounded up to whole sectors
+            # (vpc_open()'s footer), not where a signature's offset from the end points.
             if magics and not any(magic[:4] == first4 for magic in magics):
                 return False
             return not signatures or any(
-                present[(offset, len(values[0]))] in values for offset, values in signatures
+                (offset < 0 and not whole_sectors) or present[(offset, len(values[0]))] in values
+                for offset, values in signatures
             )
 
         probes: list[_Probe] = []
@@ -211,7 +219,7 @@ def _probe_all(reader: ImageReader) -> tuple[FormatDriver, list[FormatDriver]]:
     recognised: list[FormatDriver] = []
     plan = _probe_plan()
     # One key for the magics and signatures instead of a dozen probers that compare their own.
-    probes, layouts = plan.calls(plan.key(reader.head, reader.tail))
+    probes, layouts = plan.calls(plan.key(reader.head, reader.tail), not reader.size % 512)
     for driver, probe, recognise in probes:
         score = 0 if probe is None else probe(reader)
         if score > best_score:

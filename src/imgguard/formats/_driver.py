@@ -44,7 +44,9 @@ class FormatDriver:
     (offset, values), the offset from the end of the file when negative, all values of one pair
     of one length. The call scores 0 or says False unless the bytes at one pair's offset are
     one of its values. A pair is a necessary condition, not the test: the values may be a
-    prefix of what the function compares.
+    prefix of what the function compares. A pair at a negative offset counts only in a file
+    whose size is a multiple of 512: in any other, qemu's end (its length rounded up to whole
+    sectors) is not the file's, and the call is made.
     """
 
     name: str
