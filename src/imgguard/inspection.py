@@ -12,7 +12,7 @@ from imgguard.formats import FormatDriver
 from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import Signature, _never
 from imgguard.model import ImageInfo, Problem, ProblemKind
-from imgguard.reader import ImageReader, open_regular
+from imgguard.reader import HEAD_SIZE, TAIL_SIZE, ImageReader, open_regular
 
 ImageSource = str | os.PathLike[str] | BinaryIO
 
@@ -126,7 +126,14 @@ class _ProbePlan:
                 lengths = {len(value) for value in values}
                 if len(lengths) != 1 or 0 in lengths:
                     raise ValueError(f"{driver.name}: signature values of one length needed")
-                values_at.setdefault((offset, lengths.pop()), set()).update(values)
+                length = lengths.pop()
+                # The key sees only the head and the tail: a signature elsewhere would never
+                # match, and its call would never be made.
+                if not (0 <= offset <= HEAD_SIZE - length or -TAIL_SIZE <= offset <= -length):
+                    raise ValueError(
+                        f"{driver.name}: a signature at {offset} is outside the head and the tail"
+                    )
+                values_at.setdefault((offset, length), set()).update(values)
         self.positions = list(values_at)
         self.key: _SignatureKey = self._key_function(values_at)
         # Per key, for files in whole 512-byte sectors and for the others.

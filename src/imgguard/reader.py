@@ -106,7 +106,12 @@ class ImageReader:
                 size = file.seek(0, os.SEEK_END)
             except OSError as error:
                 raise UnreadableImage(f"cannot seek in {name or 'stream'}: {error}") from error
-        return cls(file, size=size, name=name or getattr(file, "name", None))
+        if not name:
+            # A file object's name may be bytes (open(b"path")) or the descriptor's number
+            # (open(fd)); only a path is a name.
+            attribute = getattr(file, "name", None)
+            name = os.fsdecode(attribute) if isinstance(attribute, (str, bytes)) else None
+        return cls(file, size=size, name=name)
 
     # Computed once, not a property: every prober asks for the head, and after the first read
     # it is a plain instance attribute.

@@ -23,6 +23,7 @@ from imgguard.model import (
     Reference,
     ReferenceKind,
     Severity,
+    Table,
 )
 
 
@@ -481,12 +482,14 @@ def target_size(info: ImageInfo, request: Request) -> Iterator[Hit]:
 def metadata_memory(info: ImageInfo, request: Request) -> Iterator[Hit]:
     budget = request.policy.max_metadata_bytes
     total = 0
+    largest: Table | None = None
     for table in info.tables:
         if table.loaded_at_open:
             total += table.length
-    if total > budget:
-        loaded = [table for table in info.tables if table.loaded_at_open]
-        largest = max(loaded, key=lambda table: table.length)
+            if largest is None or table.length > largest.length:
+                largest = table
+    # Nothing loaded is within any budget (even a negative one, which has no largest table).
+    if largest is not None and total > budget:
         yield Hit(
             f"tables qemu-img loads at open take {total} bytes (largest: {largest.name}, "
             f"{largest.length} bytes), over the budget of {budget}",
