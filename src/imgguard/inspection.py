@@ -11,6 +11,7 @@ from imgguard.errors import ImageError
 from imgguard.formats import FormatDriver
 from imgguard.formats._common import qemu_length
 from imgguard.formats._driver import Signature, _never
+from imgguard.formats.mbr import BOOT_SIGNATURE
 from imgguard.model import ImageInfo, Problem, ProblemKind
 from imgguard.reader import HEAD_SIZE, TAIL_SIZE, ImageReader, open_regular
 
@@ -79,19 +80,16 @@ def _finish(
     set_field(info, "path", reader.name)
     set_field(info, "file_size", reader.size)
     set_field(info, "qemu_format", qemu_choice.name)
+    boot_signature = reader.head[510:512] == BOOT_SIGNATURE
     if (
         chosen is qemu_choice
+        and not boot_signature
         and (not recognised or (len(recognised) == 1 and recognised[0] is chosen))
-        and reader.head[510:512] != BOOT_SIGNATURE
     ):
         # The usual image: one reading, the one qemu picks (what _matches() says for it).
         set_field(info, "matches", (chosen.name,))
     else:
-        set_field(
-            info,
-            "matches",
-            _matches(chosen, qemu_choice, recognised, _has_boot_signature(reader)),
-        )
+        set_field(info, "matches", _matches(chosen, qemu_choice, recognised, boot_signature))
     if actual_size is not None:
         set_field(info, "actual_size", actual_size)
 
@@ -270,10 +268,6 @@ def _inspect_with(driver: FormatDriver, reader: ImageReader) -> ImageInfo:
                 problems=(problem,),
             )
         return ImageInfo(format=driver.name, problems=(problem,))
-
-
-# The boot sector signature at 510 (imgguard.formats.mbr.BOOT_SIGNATURE).
-BOOT_SIGNATURE = b"\x55\xaa"
 
 
 def _has_boot_signature(reader: ImageReader) -> bool:

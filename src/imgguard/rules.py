@@ -797,8 +797,8 @@ def _conditions() -> tuple[list[str], list[str], list[str]]:
 
 def _presence_function() -> Callable[[ImageInfo, Request], tuple[object, ...]]:
     """The image's key for `_run_plans`, as one generated expression (a third of the cost of
-    attrgetter and map): (format, each `needs` field non-empty, each header key present, each
-    `asks` field set)."""
+    attrgetter and map): (format, each `needs` field non-empty, each header key's value true,
+    each `asks` field set)."""
     needs, header_keys, asks = _conditions()
     for name in (*needs, *asks):
         if not name.isidentifier():
