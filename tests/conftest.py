@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from imgguard.errors import ImageError
-from imgguard.model import ImageInfo
+from imgguard.model import ImageInfo, Status, Verdict
 
 QEMU_IMG = shutil.which("qemu-img")
 
@@ -122,6 +122,28 @@ def info_or_image_error(inspect_bytes: Callable[[bytes], ImageInfo], data: bytes
     except ImageError:
         return
     assert isinstance(result, ImageInfo)
+
+
+def rejecting_rules(verdict: Verdict) -> set[str]:
+    return {finding.rule for finding in verdict.rejecting}
+
+
+def assert_rejects(path: Path, *rule_ids: str) -> Verdict:
+    """check() rejects the image, and with (at least) these rules."""
+    from imgguard import check
+
+    verdict = check(path)
+    assert verdict.status is Status.REJECT, [(f.rule, f.message) for f in verdict.findings]
+    assert set(rule_ids) <= rejecting_rules(verdict), sorted(rejecting_rules(verdict))
+    return verdict
+
+
+def assert_passes(path: Path) -> Verdict:
+    from imgguard import check
+
+    verdict = check(path)
+    assert verdict.status is Status.PASS, [(f.rule, f.message) for f in verdict.findings]
+    return verdict
 
 
 @pytest.fixture

@@ -24,7 +24,14 @@ from pathlib import Path
 import pytest
 
 import imgguard
-from conftest import QEMU_IMG, qemu_create, run_qemu_img
+from conftest import (
+    QEMU_IMG,
+    assert_passes,
+    assert_rejects,
+    qemu_create,
+    rejecting_rules,
+    run_qemu_img,
+)
 from imgguard import Status, check, inspect
 from imgguard.reader import ImageReader
 
@@ -39,26 +46,9 @@ QCOW2_EXT_FEATURE_TABLE = 0x6803F857
 VDI_SIGNATURE = struct.pack("<I", 0xBEDA107F)
 
 
-def rules(verdict: imgguard.Verdict) -> set[str]:
-    return {finding.rule for finding in verdict.rejecting}
-
-
 def targets(verdict: imgguard.Verdict) -> list[str]:
     assert verdict.info is not None
     return [reference.target for reference in verdict.info.references]
-
-
-def assert_rejects(path: Path, *rule_ids: str) -> imgguard.Verdict:
-    verdict = check(path)
-    assert verdict.status is Status.REJECT, [(f.rule, f.message) for f in verdict.findings]
-    assert set(rule_ids) <= rules(verdict), sorted(rules(verdict))
-    return verdict
-
-
-def assert_passes(path: Path) -> imgguard.Verdict:
-    verdict = check(path)
-    assert verdict.status is Status.PASS, [(f.rule, f.message) for f in verdict.findings]
-    return verdict
 
 
 def qemu_probe(path: Path) -> str | None:
@@ -478,7 +468,7 @@ def test_vmdk_embedded_descriptor_names_host_file(
         rb'RW (\d+) SPARSE "[^"]*"', rb'RW \1 FLAT "/etc/shadow" 0', vmdk_descriptor(seed)
     )
     image = write(tmp_path / "x.vmdk", put(seed, 0x200, text + b"\0"))
-    assert {"IG103", "IG603"} & rules(check(image))
+    assert {"IG103", "IG603"} & rejecting_rules(check(image))
 
 
 # --- (1) what qemu really opens --------------------------------------------------------------
@@ -609,7 +599,9 @@ def test_polyglots_are_rejected(
     assert verdict.status is Status.REJECT
     assert verdict.info is not None
     # Whatever else is wrong, the second reading must be named.
-    assert "IG201" in rules(verdict) or len(verdict.info.matches) > 1, verdict.info.matches
+    assert "IG201" in rejecting_rules(verdict) or len(verdict.info.matches) > 1, (
+        verdict.info.matches
+    )
     qemu = qemu_probe(image)
     if qemu is not None:
         assert verdict.info.qemu_format == qemu
@@ -650,7 +642,7 @@ def test_descriptor_past_probe_window_unclaimed(tmp_path: Path) -> None:
     data = b"#" + b"A" * 5000 + b'\ncreateType="monolithicFlat"\nRW 2048 FLAT "/etc/passwd" 0\n'
     image = write(tmp_path / "x.img", data + bytes(1 << 16))
     verdict = check(image)
-    assert "IG103" in rules(verdict)
+    assert "IG103" in rejecting_rules(verdict)
     assert targets(verdict) == ["/etc/passwd"]
 
 
@@ -660,7 +652,7 @@ def test_qcow2_magic_with_version_0(tmp_path: Path, seeds: dict[str, bytes]) -> 
     assert qemu_probe(image) == "raw"
     verdict = check(image)
     assert verdict.info is not None and verdict.info.format == "qcow2"
-    assert "IG302" in rules(verdict)
+    assert "IG302" in rejecting_rules(verdict)
 
 
 @pytest.mark.parametrize("layout", ["oslo-nsr-at-16", "udf-vrs"])
@@ -674,13 +666,13 @@ def test_qcow2_udf_polyglot(tmp_path: Path, seeds: dict[str, bytes], layout: str
         for sector, ident in ((16, b"BEA01"), (17, b"NSR02"), (18, b"TEA01")):
             data = put(data, sector * 2048, b"\x00" + ident + b"\x01")
     image = write(tmp_path / "x.qcow2", data)
-    assert "IG201" in rules(check(image))
+    assert "IG201" in rejecting_rules(check(image))
 
 
 def test_claimed_format_mismatch(tmp_path: Path, seeds: dict[str, bytes]) -> None:
     image = write(tmp_path / "x.img", seeds["qcow2"])
-    assert "IG202" in rules(check(image, claimed_format="raw"))
-    assert "IG202" in rules(check(image, claimed_format="vmdk"))
+    assert "IG202" in rejecting_rules(check(image, claimed_format="raw"))
+    assert "IG202" in rejecting_rules(check(image, claimed_format="vmdk"))
 
 
 # --- (3) resource abuse ----------------------------------------------------------------------
@@ -705,7 +697,7 @@ def test_fixed_vhd_footer_hides_raw_size_from_target_check(
     # for a `raw` declaration) writes 3 GiB into the volume; the footer's size said 1 MiB.
     image = _sparse_with_footer(tmp_path / "x.img", 3 << 30, seeds["vhdfixed"][-512:])
     assert qemu_probe(image) == "raw"
-    assert "IG502" in rules(check(image, claimed_format=claimed, target_size=1))
+    assert "IG502" in rejecting_rules(check(image, claimed_format=claimed, target_size=1))
     # Declared vhd, qemu-img -f vpc takes the footer's size: that fits.
     assert check(image, claimed_format="vhd", target_size=1).ok
 
@@ -715,7 +707,7 @@ def test_fixed_vhd_footer_hides_raw_size_from_size_cap(
 ) -> None:
     image = _sparse_with_footer(tmp_path / "x.img", 3 << 40, seeds["vhdfixed"][-512:])
     verdict = check(image)
-    assert "IG501" in rules(verdict)
+    assert "IG501" in rejecting_rules(verdict)
 
 
 def test_qcow2_l1_and_refcount_tables_over_budget(tmp_path: Path, seeds: dict[str, bytes]) -> None:
@@ -752,7 +744,7 @@ def test_vmdk_grain_directory_over_budget(tmp_path: Path, seeds: dict[str, bytes
     struct.pack_into("<QQ", data, 12, 1 << 25, 1)
     struct.pack_into("<I", data, 44, 1)
     verdict = check(write(tmp_path / "x.vmdk", bytes(data)))
-    assert {"IG503", "IG604"} & rules(verdict)
+    assert {"IG503", "IG604"} & rejecting_rules(verdict)
 
 
 def test_vhd_bat_over_budget(tmp_path: Path, seeds: dict[str, bytes]) -> None:
@@ -787,7 +779,7 @@ def test_vhd_parent_locators_share_one_read_cap(seeds: dict[str, bytes]) -> None
     info = inspect_reader(reader)
     assert info.format == "vpc"
     assert reader.bytes_read < 128 * 1024
-    assert "IG604" in rules(check(info))
+    assert "IG604" in rejecting_rules(check(info))
 
 
 def test_vmdk_descriptor_of_a_mebibyte(tmp_path: Path) -> None:
@@ -822,7 +814,7 @@ def test_luks_master_key_digest_iterations(tmp_path: Path, container: str) -> No
     policy = imgguard.Policy(allow_encrypted=True)
     verdict = check(image, policy)
     assert verdict.status is Status.REJECT
-    assert "IG506" in rules(verdict)
+    assert "IG506" in rejecting_rules(verdict)
     assert [f.field for f in verdict.findings if f.rule == "IG506"] == ["mk_digest_iterations"]
 
 

@@ -18,31 +18,23 @@ from pathlib import Path
 import pytest
 
 import imgguard
-from conftest import QEMU_IMG, qemu_convert, qemu_create, qemu_info, run_qemu_img
-from imgguard import Status, check, inspect
+from conftest import (
+    QEMU_IMG,
+    assert_passes,
+    assert_rejects,
+    qemu_convert,
+    qemu_create,
+    qemu_info,
+    rejecting_rules,
+    run_qemu_img,
+)
+from imgguard import inspect
 from imgguard.inspection import inspect_reader
 from imgguard.reader import ImageReader
 from imgguard.report.text import printable
 
 PRLIMIT = shutil.which("prlimit")
 GiB = 1 << 30
-
-
-def rules(verdict: imgguard.Verdict) -> set[str]:
-    return {finding.rule for finding in verdict.rejecting}
-
-
-def assert_rejects(path: Path, *rule_ids: str) -> imgguard.Verdict:
-    verdict = check(path)
-    assert verdict.status is Status.REJECT, [(f.rule, f.message) for f in verdict.findings]
-    assert set(rule_ids) <= rules(verdict), sorted(rules(verdict))
-    return verdict
-
-
-def assert_passes(path: Path) -> imgguard.Verdict:
-    verdict = check(path)
-    assert verdict.status is Status.PASS, [(f.rule, f.message) for f in verdict.findings]
-    return verdict
 
 
 def qemu_img_limited(*args: str, address_space: int = GiB) -> subprocess.CompletedProcess[str]:
@@ -112,7 +104,7 @@ def test_qcow2_dirty_bitmaps_memory(tmp_path: Path) -> None:
     table = next(table for table in info.tables if table.name == "dirty_bitmaps")
     assert (table.length, table.loaded_at_open, table.in_file) == (3 * (512 << 20), True, False)
     verdict = assert_rejects(image, "IG503")
-    assert "IG504" not in rules(verdict)  # memory, not a region past the end of the file
+    assert "IG504" not in rejecting_rules(verdict)  # memory, not a region past the end of the file
 
 
 def test_near_miss_qcow2_with_default_bitmaps(tmp_path: Path) -> None:
