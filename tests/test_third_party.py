@@ -16,6 +16,7 @@ import pytest
 
 import imgguard
 from conftest import qemu_create, qemu_info, run_qemu_img
+from imgguard import testing
 from imgguard.formats import vhdx as vhdx_module
 from imgguard.model import ProblemKind
 
@@ -258,25 +259,6 @@ def _vhd_checksum(footer: bytes | bytearray) -> int:
     return ~sum(footer[:64] + bytes(4) + footer[68:512]) & 0xFFFFFFFF
 
 
-def _chs(sectors: int) -> tuple[int, int, int]:
-    """The VHD spec's CHS algorithm, as Hyper-V and qemu compute it."""
-    sectors = min(sectors, 65535 * 16 * 255)
-    if sectors >= 65535 * 16 * 63:
-        heads, per_track = 16, 255
-        cylinders_heads = sectors // per_track
-    else:
-        per_track = 17
-        cylinders_heads = sectors // per_track
-        heads = max(4, (cylinders_heads + 1023) // 1024)
-        if cylinders_heads >= heads * 1024 or heads > 16:
-            per_track, heads = 31, 16
-            cylinders_heads = sectors // per_track
-        if cylinders_heads >= heads * 1024:
-            per_track, heads = 63, 16
-            cylinders_heads = sectors // per_track
-    return cylinders_heads // heads, heads, per_track
-
-
 def fixed_vhd(path: Path, size: int, creator: bytes) -> Path:
     """A fixed VHD of `size` bytes of guest data whose footer says what `creator` writes."""
     footer_of = qemu_create(tmp := path.with_suffix(".tmp"), "vpc", "1M", ["subformat=fixed"])
@@ -284,7 +266,7 @@ def fixed_vhd(path: Path, size: int, creator: bytes) -> Path:
     tmp.unlink()
     footer[28:40] = creator + b"\x00\x0a\x00\x00" + b"Wi2k"
     struct.pack_into(">QQ", footer, 40, size, size)
-    struct.pack_into(">HBB", footer, 56, *_chs(size // 512))
+    struct.pack_into(">HBB", footer, 56, *testing.vhd_geometry(size // 512))
     struct.pack_into(">I", footer, 64, _vhd_checksum(footer))
     with path.open("wb") as file:
         file.truncate(size)
@@ -311,7 +293,7 @@ def test_fixed_vhd_creators_size_like_qemu(
     verdict = assert_passes_like_qemu(path, "vpc", "fixed")
     assert verdict.info is not None and verdict.info.qemu_format == "raw"
     assert qemu_info(path)["format"] == "raw"
-    cylinders, heads, per_track = _chs(size // 512)
+    cylinders, heads, per_track = testing.vhd_geometry(size // 512)
     expected = size if rule == "current_size" else cylinders * heads * per_track * 512
     assert verdict.info.virtual_size == expected
 
@@ -592,7 +574,7 @@ def test_freebsd_mkimg_vhd_footer_geometry(tmp_path: Path) -> None:
     # mkimg's cylinder count (65536) wraps to 0 in the 16-bit field, and qemu says 0 bytes.
     path = fixed_vhd(tmp_path / "small.vhd", 64 * MIB, b"*img")
     verdict = assert_passes_like_qemu(path, "vpc", "fixed")
-    cylinders, heads, per_track = _chs(64 * MIB // 512)
+    cylinders, heads, per_track = testing.vhd_geometry(64 * MIB // 512)
     assert verdict.info is not None
     assert verdict.info.virtual_size == cylinders * heads * per_track * 512
     big = fixed_vhd(tmp_path / "big.vhd", 200 * GIB, b"*img")

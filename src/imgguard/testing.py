@@ -108,6 +108,7 @@ __all__ = [
     "raw_images",
     "reference_names",
     "vdi_images",
+    "vhd_geometry",
     "vhdx_images",
     "vmdk3_images",
     "vmdk_descriptors",
@@ -738,8 +739,9 @@ def _vhd_checksum(data: bytes | bytearray) -> int:
     return ~sum(data) & 0xFFFFFFFF
 
 
-def _chs(total_sectors: int) -> tuple[int, int, int]:
-    """The VHD spec's CHS calculation (Appendix "CHS Calculation")."""
+def vhd_geometry(total_sectors: int) -> tuple[int, int, int]:
+    """The VHD spec's CHS calculation (Appendix "CHS Calculation"), as Hyper-V and qemu
+    compute a disk's (cylinders, heads, sectors per track)."""
     total = min(total_sectors, 65535 * 16 * 255)
     if total >= 65535 * 16 * 63:
         spt, heads = 255, 16
@@ -813,7 +815,7 @@ def build_vpc(
     differencing = subformat == "differencing" or parent is not None or bool(locators)
     if differencing:
         subformat = "differencing"
-    geometry = _chs(virtual_size // SECTOR)
+    geometry = vhd_geometry(virtual_size // SECTOR)
     if use_chs and geometry[0] * geometry[1] * geometry[2]:
         cyls, heads, secs = geometry
         virtual_size = cyls * heads * secs * SECTOR
@@ -1884,7 +1886,7 @@ def append_vhd_footer(data: bytes, current_size: int | None = None) -> bytes:
         current_size=size,
         data_offset=(1 << 64) - 1,
         creator_app=b"win ",
-        geometry=_chs(size // SECTOR),
+        geometry=vhd_geometry(size // SECTOR),
         uid=bytes(16),
     )
     return data + footer
