@@ -116,12 +116,16 @@ class GzipDecompressor:
                 raise self._failure(f"not a valid gzip stream: {error}", "corrupt") from error
             if out:
                 yield self._count(out)
-            pending = inflate.unconsumed_tail
             if inflate.eof:
+                # At a member's end the input left over is `unused_data`; CPython also leaves
+                # it in `unconsumed_tail` when an earlier call hit max_length, so taking both
+                # would decompress the next member twice (or forever: a false "bomb").
                 self.members += 1
-                pending = inflate.unused_data + pending
+                pending = inflate.unused_data
                 self._inflate = None
-            elif not pending and len(out) == self.chunk:
+                continue
+            pending = inflate.unconsumed_tail
+            if not pending and len(out) == self.chunk:
                 # The output filled the chunk: zlib may hold more without needing input.
                 yield from self._drain(inflate)
 
