@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import run_qemu_img
 from imgguard import Policy, Status, StreamInspector, Verdict, check
-from imgguard.compressed import GzipDecompressor
+from imgguard.compressed import DecompressionFailed, GzipDecompressor
 
 ALLOW = Policy(allow_compressed=True)
 CHUNKS = (1, 7, 4096, 1 << 20)
@@ -97,3 +98,57 @@ def test_gzip_member_then_truncated_member_is_corrupt(tmp_path: Path, chunk: int
     expected = check(path, ALLOW)
     assert expected.status is Status.REJECT and "IG803" in key(expected)[2]
     assert key(streamed(blob, chunk, ALLOW)) == key(expected)
+
+
+# --- the ratio cap: judged on how the input was cut into feeds ---------------------------------
+
+
+def zeros_then_noise(zeros: int, noise: int) -> bytes:
+    """gzip of `zeros` zero bytes (about 1029:1) then `noise` incompressible bytes."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    parts = [compressor.compress(block) for _ in range(zeros >> 20)]
+    parts.append(compressor.compress(random.Random(1).randbytes(noise)))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def bomb_message(data: bytes, chunk: int, **caps: Any) -> str | None:
+    decompressor = GzipDecompressor(**caps)
+    try:
+        for start in range(0, len(data), chunk):
+            for _ in decompressor.feed(data[start : start + chunk]):
+                pass
+        decompressor.finish()
+    except DecompressionFailed as failure:
+        assert failure.kind == "bomb"
+        return str(failure)
+    return None
+
+
+def test_ratio_cap_does_not_depend_on_the_chunking() -> None:
+    """The ratio was output over the input *fed so far*: one big feed counted input zlib had
+    not reached yet. 20 MiB of zeros then 200 KiB of noise (92:1 overall, over 100:1 for the
+    first 64 KiB) was a bomb for 4 KiB feeds and not for one feed of the whole stream."""
+    data = zeros_then_noise(20 << 20, 200 << 10)
+    caps = {"max_ratio": 100, "ratio_floor": 1 << 20}
+    for chunk in (7, 4096, 1 << 20, len(data)):
+        message = bomb_message(data, chunk, **caps)
+        assert message is not None and "a ratio over 100:1" in message, chunk
+    # Near miss: the same stream is no bomb under a cap its prefixes stay under.
+    assert bomb_message(data, len(data), max_ratio=400, ratio_floor=1 << 20) is None
+    assert bomb_message(data, 4096, max_ratio=400, ratio_floor=1 << 20) is None
+
+
+def test_gzip_bomb_fed_in_one_big_chunk_is_not_a_pass(tmp_path: Path) -> None:
+    """1200 MiB of zeros then 400 KiB of noise: 1.6 MB of gzip. check() reads 1 MiB at a time
+    and calls it a bomb (1078816424 bytes from the first 1 MiB); a service feeding the upload
+    in 2 MiB chunks (or `InspectedStream.read()` of it whole) got `pass`."""
+    data = zeros_then_noise(1200 << 20, 400 << 10)
+    path = tmp_path / "bomb.raw.gz"
+    path.write_bytes(data)
+    expected = check(path, ALLOW)
+    assert key(expected) == (Status.REJECT, "raw", ["IG802", "IG803"])
+    assert "ratio over 1024:1" in " ".join(finding.message for finding in expected.findings)
+    for chunk in (2 << 20, len(data)):
+        assert key(streamed(data, chunk, ALLOW)) == key(expected), chunk

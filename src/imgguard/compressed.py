@@ -11,6 +11,8 @@ Decompression is bounded: output is produced in chunks of at most `chunk` bytes 
 `max_length`), never held whole, and stops with `DecompressionFailed` as soon as the output is
 over `max_output` bytes or over `max_ratio` times the input once past `ratio_floor` bytes (a
 decompression bomb), so memory stays at zlib's 32 KiB window plus one chunk whatever the input.
+The ratio is to the input up to the end of the `RATIO_BLOCK` being read (at the end, to the
+whole input), so whether a stream is a bomb does not depend on how it was cut into `feed()`s.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ CHUNK = 64 * 1024
 # close to this ratio; it applies once the output is past RATIO_FLOOR bytes.
 MAX_RATIO = 1024
 RATIO_FLOOR = 1 << 30
+# The ratio is to the input up to the next multiple of this many bytes (see `feed`).
+RATIO_BLOCK = 64 * 1024
 # An absolute cap when the caller gives none: 2 TiB (the default policy's max_virtual_size)
 # plus room for a format's metadata.
 MAX_OUTPUT = (2 << 40) + (1 << 30)
@@ -103,6 +107,21 @@ class GzipDecompressor:
         self._between = b""  # bytes after a member, before we know what follows
 
     def feed(self, data: bytes) -> Iterator[bytes]:
+        # The input goes to zlib in pieces that end at multiples of RATIO_BLOCK of the whole
+        # stream, and the output is held to the ratio of the input up to the end of the block
+        # being read: the block's whole output reaches that bound whatever the chunking, so
+        # the verdict does not depend on how the caller cut the stream (the ratio of whatever
+        # had been fed passed a bomb fed in one 2 MiB chunk that 1 MiB reads refused). It also
+        # keeps each zlib call's unconsumed_tail (copied per call) to one block.
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        start = 0
+        while start < len(view):
+            room = RATIO_BLOCK - self.input_bytes % RATIO_BLOCK
+            piece = bytes(view[start : start + room])
+            start += len(piece)
+            yield from self._feed(piece)
+
+    def _feed(self, data: bytes) -> Iterator[bytes]:
         self.input_bytes += len(data)
         pending = data
         while pending:
@@ -176,6 +195,7 @@ class GzipDecompressor:
             )
         if self._between.strip(b"\0"):
             raise self._failure("trailing data after the last gzip member", "corrupt")
+        self._check_ratio(self.input_bytes)
 
     def _count(self, out: bytes) -> bytes:
         self.output_bytes += len(out)
@@ -185,15 +205,19 @@ class GzipDecompressor:
                 f"(from {self.input_bytes} compressed bytes)",
                 "bomb",
             )
+        self._check_ratio(-(-self.input_bytes // RATIO_BLOCK) * RATIO_BLOCK)
+        return out
+
+    def _check_ratio(self, input_bytes: int) -> None:
+        """A bomb when the output is over the floor and `max_ratio` times `input_bytes`."""
         if self.output_bytes > self.ratio_floor and self.output_bytes > self.max_ratio * max(
-            self.input_bytes, 1
+            input_bytes, 1
         ):
             raise self._failure(
                 f"decompresses to {self.output_bytes} bytes from {self.input_bytes}, a ratio "
                 f"over {self.max_ratio:g}:1",
                 "bomb",
             )
-        return out
 
     def _failure(self, message: str, kind: str) -> DecompressionFailed:
         return DecompressionFailed(
