@@ -437,7 +437,7 @@ def render(
         ratios = round_ratios(tool)
         if len(ratios) < 2:
             return ""
-        return f" (round by round {min(ratios):.0f}{TIMES} to {max(ratios):.0f}{TIMES})"
+        return f" (each round alone: {min(ratios):.0f}{TIMES} to {max(ratios):.0f}{TIMES})"
 
     add(f"Measured {meta['date']} on {meta['machine']}; {meta['python']}, {meta['qemu']}, ")
     add(
